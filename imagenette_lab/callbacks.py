@@ -1,0 +1,196 @@
+"""Run bookkeeping written by hand (no library keeps these): the per-epoch CSV, ``metrics.json`` and
+preemption signals.
+
+- :class:`EpochCSVLogger` is a Lightning logger that keeps one row per epoch in ``<run>/epochs.csv``,
+  rewritten atomically, so a resumed run continues the same file (Lightning's CSVLogger starts a new
+  version folder on every start).
+- :class:`RunRecorder` writes ``<run>/metrics.json`` at every epoch (status ``running``), on failure
+  (``failed``) and on SIGTERM/SIGINT (``interrupted``); ``run.py`` writes the final ``completed`` one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+METRICS_FILE = "metrics.json"
+EPOCHS_FILE = "epochs.csv"
+
+
+class RunInterrupted(BaseException):
+    """Raised from the SIGTERM/SIGINT handler so Lightning stops at once and callbacks see it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def install_signal_handlers() -> Callable[[], None]:
+    """Turn SIGTERM and SIGINT into :class:`RunInterrupted`; returns a function restoring the old handlers.
+
+    Installed before ``trainer.fit`` so Lightning's own SIGTERM notifier chains to it.
+    """
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in old:
+        signal.signal(s, handler)
+
+    def restore() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_epochs_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of an ``epochs.csv`` as dicts of floats (missing cells become NaN), ``epoch`` as int."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            parsed: dict[str, Any] = {k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()}
+            parsed["epoch"] = int(parsed["epoch"])
+            rows.append(parsed)
+    return rows
+
+
+class EpochCSVLogger(Logger):
+    """One row per epoch (1-based ``epoch``) of every epoch-level metric, in ``<save_dir>/epochs.csv``.
+
+    Step-level values (``*_step``) are dropped and ``*_epoch`` suffixes removed. On resume, rows of
+    epochs after ``resume_epoch`` (from the interrupted attempt) are dropped so the log stays continuous.
+    """
+
+    def __init__(self, save_dir: str | Path, resume_epoch: int | None = None) -> None:
+        super().__init__()
+        self._path = Path(save_dir) / EPOCHS_FILE
+        self._rows: dict[int, dict[str, float]] = {}
+        if resume_epoch is not None:
+            for row in read_epochs_csv(self._path):
+                if row["epoch"] <= resume_epoch:
+                    self._rows[row["epoch"]] = row
+
+    @property
+    def name(self) -> str:
+        return "epochs"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self._path.parent)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> None:
+        return None
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass  # the resolved config is saved by Hydra and in metrics.json
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "epoch" not in metrics:
+            return
+        epoch = int(metrics["epoch"]) + 1
+        row = self._rows.setdefault(epoch, {"epoch": epoch})
+        for key, value in metrics.items():
+            if key == "epoch" or key.endswith("_step"):
+                continue
+            row[key.removesuffix("_epoch")] = float(value)
+        if step is not None:
+            row["step"] = float(step)
+        self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self._rows:
+            return
+        keys = ["epoch", *sorted({k for r in self._rows.values() for k in r} - {"epoch"})]
+        lines = [",".join(keys)]
+        for epoch in sorted(self._rows):
+            row = self._rows[epoch]
+            lines.append(",".join(_fmt(row.get(k)) for k in keys))
+        atomic_write_text(self._path, "\n".join(lines) + "\n")
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
+
+
+class RunRecorder(pl.Callback):
+    """Keeps ``<run>/metrics.json`` current: ``running`` after each epoch, ``failed`` or ``interrupted``
+    when training stops early (the last good ``last.ckpt`` is kept), via ``write``.
+
+    ``base`` holds what is known before training (config, seed, git revision, parameter count...).
+    """
+
+    def __init__(self, run_dir: str | Path, base: dict[str, Any]) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.base = base
+        self.status = "running"
+
+    def snapshot(self, trainer: pl.Trainer, module: pl.LightningModule, epochs_completed: int) -> dict[str, Any]:
+        """Everything the report needs, from the module's bookkeeping and the trainer's metrics."""
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        ckpt = trainer.checkpoint_callback
+        best_score = getattr(ckpt, "best_model_score", None)
+        return {
+            **self.base,
+            "status": self.status,
+            "epochs_completed": epochs_completed,
+            "final": {k: v for k, v in metrics.items() if not k.endswith("_step")},
+            "best": {
+                "val/acc": float(best_score) if best_score is not None else None,
+                "checkpoint": os.path.basename(getattr(ckpt, "best_model_path", "") or "") or None,
+            },
+            "per_class_acc": getattr(module, "last_per_class", {}),
+            "confusion_matrix": getattr(module, "last_confusion", []),
+            "time_to_acc": getattr(module, "time_to_acc", {}),
+            "train_seconds": getattr(module, "train_seconds", None),
+            "throughput": getattr(module, "throughput", {}),
+        }
+
+    @rank_zero_only
+    def write(self, data: dict[str, Any]) -> None:
+        atomic_write_text(self.path, json.dumps(data, indent=2, default=str) + "\n")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.write(self.snapshot(trainer, pl_module, trainer.current_epoch + 1))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        interrupted = isinstance(exception, RunInterrupted | KeyboardInterrupt)
+        self.status = "interrupted" if interrupted else "failed"
+        data = self.snapshot(trainer, pl_module, trainer.current_epoch)
+        data["error"] = f"{type(exception).__name__}: {exception}"
+        self.write(data)

@@ -1,0 +1,114 @@
+"""ResNet-34/50/50-D and MobileNetV2 built by timm, with the ablation flags timm does not cover added.
+
+timm already takes ``act_layer``, ``norm_layer``, ``aa_layer`` and ``drop_rate``. What it leaves out, and
+this module adds after construction (each is a swap of a layer timm leaves as a placeholder or a stride):
+
+* ``blurpool``: timm's ``aa_layer`` anti-aliases the blocks' strided 3x3 convs and the ResNet max-pool
+  but not the stem conv nor the strided shortcut; those get the same BlurPool here so *every* stride-2
+  reduction is blurred (Zhang 2019's fully anti-aliased variant).
+* ``block_drop_rate``: timm's only in-block regularizers are DropBlock (ResNet stages 3-4) and drop-path;
+  the report's "dropout in all bottlenecks" goes in the Identity slot every block already has.
+* ``norm='none'``: timm's ResNet zero-inits each residual branch's last BN so blocks start as identity;
+  without BN that is impossible, so the branch's last conv is zero-initialized instead (same intent;
+  MobileNetV2's residual blocks get the same, which keeps its logits O(1) at init without BN).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch.nn as nn
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+from timm.models.efficientnet import EfficientNet, _gen_mobilenet_v2
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .layers import BlurPool, dropout, norm_act_layer
+
+
+def build_resnet(
+    variant: str,
+    num_classes: int,
+    *,
+    act: str,
+    drop_rate: float,
+    block_drop_rate: float,
+    norm: str,
+    blurpool: bool,
+) -> ResNet:
+    """timm's ``resnet34``/``resnet50``/``resnet50d`` from scratch, with the ablation flags applied."""
+    kwargs: dict[str, object] = dict(act_layer=act, drop_rate=drop_rate)
+    if norm == "none":
+        kwargs["norm_layer"] = nn.Identity  # timm calls norm_layer(channels); Identity ignores it
+    if blurpool:
+        kwargs["aa_layer"] = BlurPool
+    model = timm.create_model(variant, pretrained=False, num_classes=num_classes, **kwargs)
+    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    for block in blocks:
+        # timm's DropBlock slot: right after the block's 3x3 conv + BN, before its activation
+        block.drop_block = dropout(block_drop_rate)
+        if norm == "none":
+            last_conv = block.conv2 if isinstance(block, BasicBlock) else block.conv3
+            nn.init.zeros_(last_conv.weight)
+    if blurpool:
+        _blur_resnet_stem_and_shortcuts(model, blocks)
+    return model
+
+
+def _blur_resnet_stem_and_shortcuts(model: ResNet, blocks: list[nn.Module]) -> None:
+    """Blur the strided convs timm's ``aa_layer`` leaves alone (stem and projection shortcuts).
+
+    Strides are changed in place so the convs keep timm's initialization; padding already gives
+    "same" outputs at stride 1 for every kernel involved (7x7 p3, 3x3 p1, 1x1 p0).
+    """
+    if isinstance(model.conv1, nn.Conv2d):  # 7x7 stem: conv s1 -> BN -> act -> blur -> max -> blur,
+        model.conv1.stride = (1, 1)  # i.e. Zhang's own anti-aliased ResNet stem
+        model.maxpool = nn.Sequential(BlurPool(model.conv1.out_channels), *model.maxpool)
+    else:  # ResNet-D deep stem: the first 3x3 conv carries the stride; blur after its activation
+        stem = list(model.conv1)
+        stem[0].stride = (1, 1)
+        model.conv1 = nn.Sequential(*stem[:3], BlurPool(stem[0].out_channels), *stem[3:])
+    for block in blocks:
+        shortcut = block.downsample
+        if shortcut is None or block.stride == 1:
+            continue
+        if isinstance(shortcut[0], nn.AvgPool2d):  # ResNet-D: 2x2 average pool -> blur pool (Zhang 2019)
+            shortcut[0] = BlurPool(shortcut[1].in_channels)
+        else:  # blur before the 1x1 projection: they commute, and blurring the narrower input is cheaper
+            shortcut[0].stride = (1, 1)
+            block.downsample = nn.Sequential(BlurPool(shortcut[0].in_channels), *shortcut)
+
+
+def build_mobilenetv2(
+    num_classes: int,
+    *,
+    act: str,
+    drop_rate: float,
+    block_drop_rate: float,
+    norm: str,
+    blurpool: bool,
+    width: float,
+) -> EfficientNet:
+    """timm's MobileNetV2 (Sandler et al. 2018) from scratch, with the ablation flags applied.
+
+    timm registers only fixed widths (``mobilenetv2_050/075/100/140``), so the model comes from timm's
+    generator that they all call, which takes any channel multiplier; ``width=1.0`` is exactly
+    ``timm.create_model('mobilenetv2_100')`` (the tests assert it).
+    """
+    kwargs: dict[str, object] = dict(act_layer=act, drop_rate=drop_rate)
+    if norm != "batch":
+        kwargs["norm_layer"] = norm_act_layer(norm, act)
+    if blurpool:
+        kwargs["aa_layer"] = BlurPool
+    model = _gen_mobilenet_v2("mobilenetv2_100", width, num_classes=num_classes, **kwargs)
+    for block in model.modules():
+        if isinstance(block, (InvertedResidual, DepthwiseSeparableConv)):
+            # The squeeze-excite slot (an Identity in MobileNetV2) sits after the depthwise conv and its
+            # activation, right before the linear projection: the dropout goes there
+            block.se = dropout(block_drop_rate)
+            if norm == "none" and block.has_skip:  # as for ResNet: residual blocks start as identity
+                nn.init.zeros_(
+                    block.conv_pwl.weight if isinstance(block, InvertedResidual) else block.conv_pw.weight
+                )
+    if blurpool:  # the stride-2 stem conv is outside timm's aa_layer: conv s1 -> BN -> act -> blur
+        model.conv_stem.stride = (1, 1)
+        model.bn1 = nn.Sequential(model.bn1, BlurPool(model.conv_stem.out_channels))
+    return model

@@ -1,0 +1,202 @@
+"""LightningModule that trains any registry model as an image classifier."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy classifier around a registry model.
+
+    The optimizer and scheduler arrive as Hydra ``_partial_`` factories (``optim`` and ``sched`` config
+    groups), so nothing about them is hard-coded here. Logged per epoch: ``train/loss``, ``train/acc``,
+    ``val/loss``, ``val/acc`` (micro top-1), ``val/acc_best``, ``val/acc_<class name>``, ``lr``,
+    ``time/epoch_s`` and ``time/train_images_per_s``. Time-to-accuracy (the first epoch and the elapsed
+    training seconds at which ``val/acc`` reaches each threshold) is kept in :attr:`time_to_acc` and saved
+    in checkpoints so it survives a resume.
+
+    GoogLeNet with auxiliary heads returns ``(logits, aux1, aux2)`` in training; each auxiliary
+    cross-entropy is added with weight ``aux_loss_weight``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        class_names: Sequence[str] | None = None,
+        label_smoothing: float = 0.0,
+        aux_loss_weight: float = 0.3,
+        channels_last: bool = False,
+        compile: bool = False,
+        acc_thresholds: Sequence[float] = (0.80, 0.85, 0.90),
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # Only plain data goes into hparams (checkpoints load with weights_only=True).
+        self.save_hyperparameters(hparams or {}, logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = scheduler or {}
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.label_smoothing = label_smoothing
+        self.aux_loss_weight = aux_loss_weight
+        self.channels_last = channels_last
+        self.compile = compile
+        self.acc_thresholds = [float(t) for t in acc_thresholds]
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_per_class = MulticlassAccuracy(num_classes, average=None)
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.val_acc_best = MaxMetric()
+
+        # Run bookkeeping (restored from checkpoints on resume).
+        self.time_to_acc: dict[str, dict[str, float] | None] = {f"{t:.2f}": None for t in self.acc_thresholds}
+        self.train_seconds = 0.0  # s, wall time spent in training+validation epochs so far
+        self.last_per_class: dict[str, float] = {}
+        self.last_confusion: list[list[int]] = []
+        self.throughput: dict[str, float] = {}
+        self._epoch_start = 0.0
+        self._epoch_images = 0
+        self._fit_start = 0.0
+        self._seconds_before_resume = 0.0  # s, training time of earlier (interrupted) attempts
+        self._forward: nn.Module = self.net
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "class_names", None)
+        if names:
+            self.class_names = list(names)
+        if self.compile and stage == "fit":
+            # Compiled wrapper is used for the forward only; the state dict stays the plain `net`.
+            self._forward = torch.compile(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self._forward(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    # ---------------------------------------------------------------- steps
+    def _loss(self, out: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, *aux = out if isinstance(out, tuple) else (out,)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        for aux_logits in aux:
+            loss = loss + self.aux_loss_weight * F.cross_entropy(aux_logits, y, label_smoothing=self.label_smoothing)
+        return loss, logits
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
+        self._seconds_before_resume = self.train_seconds
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_images = 0
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, logits = self._loss(self._forward(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
+                "lower optim.lr, enable trainer.gradient_clip_val, or use trainer.precision=32-true"
+            )
+        self.train_loss(loss.detach())
+        self.train_acc(logits.detach(), y)
+        self._epoch_images += y.shape[0]
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        elapsed = time.perf_counter() - self._epoch_start  # s, training part of the epoch
+        images = self._epoch_images * self.trainer.world_size
+        ips = images / max(elapsed, 1e-9)
+        self.throughput = {"train_images_per_s": ips, "train_epoch_s": elapsed}
+        self.log("time/train_images_per_s", ips, sync_dist=False)
+        self.log("time/epoch_s", elapsed, sync_dist=False)
+        # lr used during this epoch (epoch-interval schedulers step after this hook)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.val_loss(loss)
+        self.val_acc(logits, y)
+        self.val_acc_per_class(logits, y)
+        self.val_confusion(logits, y)
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics syncs these across DDP ranks on compute().
+        per_class = self.val_acc_per_class.compute()
+        confusion = self.val_confusion.compute()
+        self.val_acc_per_class.reset()
+        self.val_confusion.reset()
+        if self.trainer.sanity_checking:
+            return
+        acc = float(self.val_acc.compute())
+        self.val_acc_best(torch.tensor(acc, device=self.device))
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.last_per_class = {n: float(a) for n, a in zip(self.class_names, per_class.tolist(), strict=True)}
+        for name, value in self.last_per_class.items():
+            self.log(f"val/acc_{name}", value)
+        self.last_confusion = confusion.int().tolist()
+        if self.trainer.state.fn == "fit":
+            self.train_seconds = self._seconds_before_resume + time.perf_counter() - self._fit_start
+            for key, hit in self.time_to_acc.items():
+                if hit is None and acc >= float(key):
+                    self.time_to_acc[key] = {"epoch": self.current_epoch + 1, "seconds": self.train_seconds}
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    # ---------------------------------------------------------------- optim
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        factory = self.scheduler_cfg.get("scheduler")
+        if factory is None:
+            return optimizer
+        interval = self.scheduler_cfg.get("interval", "epoch")
+        kwargs: dict[str, Any] = {}
+        if isinstance(getattr(factory, "func", None), type) and factory.func is torch.optim.lr_scheduler.OneCycleLR:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = factory(optimizer=optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    # ---------------------------------------------------------------- state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_state"] = {
+            "time_to_acc": self.time_to_acc,
+            "train_seconds": self.train_seconds,
+            "val_acc_best": float(self.val_acc_best.compute()) if self.val_acc_best.update_called else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("run_state", {})
+        self.time_to_acc.update(state.get("time_to_acc", {}))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        if state.get("val_acc_best") is not None:
+            self.val_acc_best(torch.tensor(state["val_acc_best"]))

@@ -1,0 +1,39 @@
+"""``python -m imagenette_lab.report SWEEP_DIR... [--out DIR] [--wandb ENTITY/PROJECT] [--experiment NAME]``:
+render every experiment found (offline from run folders, or from W&B) to ``DIR/<scale>/<experiment>.md``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .build import build_reports, render
+from .runs import load_runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m imagenette_lab.report", description=__doc__.split(":", 1)[1].strip())
+    ap.add_argument("sweep_dirs", nargs="*", help="sweep folders, e.g. logs/multiruns/table1/quick or logs/multiruns")
+    ap.add_argument("--out", default="docs/results", help="output folder; artefacts go to OUT/<scale>/")
+    ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs logged to this W&B project")
+    ap.add_argument("--experiment", action="append", default=[], help="only these experiments (repeatable)")
+    ap.add_argument("--check", action="store_true", help="print the tables only, write nothing")
+    args = ap.parse_args(argv)
+    if not args.sweep_dirs and not args.wandb:
+        ap.error("give at least one SWEEP_DIR (e.g. logs/multiruns) or --wandb ENTITY/PROJECT")
+    try:
+        if args.check:
+            runs = [r for r in load_runs(*args.sweep_dirs)
+                    if not args.experiment or r.experiment in args.experiment]
+            for report in build_reports(runs):
+                print(f"\n## {report.experiment} ({report.scale})\n\n{report.tables['accuracy'].markdown()}")
+            return 0
+        for path in render(args.sweep_dirs, args.out, args.wandb, args.experiment):
+            print(path)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,429 @@
+"""ImagenetteDataModule on real images: sources, extraction, verification, labels, transforms, errors.
+
+Every broken input is built in a tmp dir from the real mini archive (300 JPEGs, 20 train + 10 val per
+class). The data path runs at 64 px / 56 px crops to stay cheap on 2 cores; the full 224 archive is
+prepared once in the slow test.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import http.server
+import io
+import logging
+import random
+import shutil
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from imagenette_lab.data import (
+    ArchiveCheck,
+    ArchiveError,
+    ChecksumError,
+    CorruptImagesError,
+    DownloadError,
+    ImagenetteDataModule,
+    LayoutError,
+    MissingArchiveError,
+    UnsafeArchiveError,
+)
+from imagenette_lab.data.sources import DATASETS, download_archive, published_checks
+
+REPO = Path(__file__).resolve().parents[1]
+WNIDS = DATASETS["imagenette"].wnids
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+SMALL = dict(resize=64, crop=56, batch_size=8, num_workers=0, pipeline="pil")  # px, px, images, procs
+
+
+def make_dm(data_dir: Path, **kwargs: object) -> ImagenetteDataModule:
+    return ImagenetteDataModule(data_dir=data_dir, **{**SMALL, **kwargs})
+
+
+def ready(dm: ImagenetteDataModule) -> ImagenetteDataModule:
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def csv_rows(root: Path) -> list[dict[str, str]]:
+    with open(root / "noisy_imagenette.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def truncate(path: Path, keep: float = 0.4) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A folder served by a real HTTP server on 127.0.0.1 (the download path without internet)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None  # keep pytest output clean
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------------------ happy path
+def test_archive_extract_verify_batches(
+    tmp_path: Path, mini_archive: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="imagenette_lab")
+    dm = ready(make_dm(tmp_path, archive=mini_archive))
+    root = tmp_path / "imagenette2-224-mini"
+    assert dm.dataset_root == root and (root / "train" / WNIDS[0]).is_dir()
+    assert "data source: local archive" in caplog.text
+    assert len(dm.train_set) == 200 and len(dm.val_set) == 100
+    assert dm.class_names[:3] == ["tench", "English springer", "cassette player"] and dm.num_classes == 10
+
+    low, high = (0 - MEAN) / STD, (1 - MEAN) / STD
+    seen = []
+    for images, labels in dm.train_dataloader():
+        assert images.shape == (8, 3, 56, 56) and images.dtype == torch.float32
+        assert labels.dtype == torch.int64 and labels.shape == (8,)
+        assert (images >= low - 1e-5).all() and (images <= high + 1e-5).all()
+        seen.append(labels)
+    # one epoch sees every training label once (200 = 25 full batches, nothing dropped)
+    assert torch.equal(torch.cat(seen).sort().values, dm.train_labels.sort().values)
+    assert torch.bincount(dm.train_labels, minlength=10).tolist() == [20] * 10
+    images, labels = next(iter(dm.val_dataloader()))
+    assert torch.equal(labels, dm.val_labels[:8])  # validation keeps file order
+    folder_labels = [WNIDS.index(p.parent.name) for p in dm.val_files[:8]]
+    assert labels.tolist() == folder_labels
+    assert images.std() > 0.3  # real pixels, not a constant
+
+    # second run: nothing extracted or decoded again
+    caplog.clear()
+    start = time.perf_counter()
+    ready(make_dm(tmp_path, archive=mini_archive))
+    assert time.perf_counter() - start < 5.0
+    assert "reusing" in caplog.text and "unchanged since the last verification" in caplog.text
+    assert "decoding" not in caplog.text
+
+
+def test_seeded_shuffling_is_reproducible_and_changes_per_epoch(tmp_path: Path, mini_root: Path) -> None:
+    def epochs(seed: int) -> list[list[int]]:
+        dm = ready(make_dm(tmp_path, root=mini_root, seed=seed))
+        loader = dm.train_dataloader()
+        return [torch.cat([y for _, y in loader]).tolist() for _ in range(2)]
+
+    a, b, c = epochs(1), epochs(1), epochs(2)
+    assert a == b  # same seed, same order
+    assert a[0] != a[1]  # a new permutation each epoch
+    assert a[0] != c[0]
+
+
+def test_root_wins_over_archive(tmp_path: Path, mini_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="imagenette_lab")
+    dm = ready(make_dm(tmp_path, root=mini_root, archive=tmp_path / "not-there.tgz"))
+    assert dm.dataset_root == mini_root
+    assert "data source: extracted folder" in caplog.text
+    assert not (tmp_path / "imagenette2-224-mini").exists()  # nothing extracted
+
+
+def test_label_noise_50_follows_the_csv(tmp_path: Path, mini_root: Path) -> None:
+    dm = ready(make_dm(tmp_path, root=mini_root, label_noise=50))
+    rows = {r["path"]: r for r in csv_rows(mini_root)}
+    expected = [
+        WNIDS.index(rows[p.relative_to(mini_root).as_posix()]["noisy_labels_50"]) for p in dm.train_files
+    ]
+    assert dm.train_labels.tolist() == expected
+    clean = [WNIDS.index(p.parent.name) for p in dm.train_files]
+    assert dm.train_clean_labels.tolist() == clean
+    changed = (dm.train_labels != dm.train_clean_labels).float().mean().item()
+    assert changed == pytest.approx(0.52, abs=0.005)  # 104 of 200 in the mini CSV: "about half"
+    assert dm.val_labels.tolist() == [WNIDS.index(p.parent.name) for p in dm.val_files]  # always clean
+    # and the loader really serves the noisy labels
+    assert torch.equal(
+        torch.cat([y for _, y in dm.train_dataloader()]).sort().values, dm.train_labels.sort().values
+    )
+
+
+def test_imagewoof_config_and_mismatch(tmp_path: Path, mini_root: Path) -> None:
+    dm = make_dm(tmp_path, root=mini_root, dataset="imagewoof")
+    assert dm.class_names[0] == "Shih-Tzu" and "Samoyed" in dm.class_names and len(dm.class_names) == 10
+    assert DATASETS["imagewoof"].url("320") == "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2-320.tgz"
+    assert published_checks("imagewoof2-320.tgz")[0].size == 328387740
+    with pytest.raises(LayoutError, match="set data=imagenette"):
+        dm.prepare_data()
+
+
+# ------------------------------------------------------------------------------------------ images
+def test_grayscale_and_cmyk_become_rgb(tmp_path: Path, mini_copy: Path) -> None:
+    converted = []
+    for i, path in enumerate(sorted((mini_copy / "val" / WNIDS[0]).glob("*.JPEG"))[:4]):
+        mode = "L" if i % 2 == 0 else "CMYK"
+        Image.open(path).convert(mode).save(path, quality=90)
+        converted.append(path.name)
+    assert {Image.open(mini_copy / "val" / WNIDS[0] / n).mode for n in converted} == {"L", "CMYK"}
+    dm = ready(make_dm(tmp_path, root=mini_copy))
+    images, _ = next(iter(dm.val_dataloader()))  # first val batch = the first tench files
+    assert images.shape == (8, 3, 56, 56)
+    gray = images[0]  # a grayscale source: the three channels carry the same pixels
+    torch.testing.assert_close((gray[0] * 0.229 + 0.485), (gray[1] * 0.224 + 0.456), atol=1e-5, rtol=0)
+
+
+def test_non_square_variable_size_images(tmp_path: Path, mini_copy: Path) -> None:
+    rng = random.Random(0)
+    shapes = set()
+    for path in sorted(mini_copy.glob("*/*/*.JPEG")):
+        im = Image.open(path).convert("RGB")
+        w = rng.randint(60, 224)
+        h = max(40, min(224, int(w * rng.choice([0.3, 0.5, 0.75, 1.33, 2.0, 3.5]))))
+        left, top = rng.randint(0, 224 - w), rng.randint(0, 224 - h)
+        im.crop((left, top, left + w, top + h)).save(path, quality=92)
+        shapes.add((h, w))
+    assert len(shapes) > 100 and any(h > 2 * w for h, w in shapes) and any(w > 2 * h for h, w in shapes)
+    dm = ready(make_dm(tmp_path, root=mini_copy, val_crop="random"))
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        n = 0
+        for images, labels in loader:
+            assert images.shape[1:] == (3, 56, 56) and torch.isfinite(images).all()
+            n += len(labels)
+        assert n in (200, 100)
+
+
+# ------------------------------------------------------------------------------------------ bad data
+def test_corrupt_jpegs_are_all_reported_then_skippable(
+    tmp_path: Path, mini_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = [sorted((mini_copy / "train" / w).glob("*.JPEG"))[3] for w in WNIDS[:2]]
+    bad.append(sorted((mini_copy / "val" / WNIDS[5]).glob("*.JPEG"))[0])
+    for path in bad:
+        truncate(path)
+    with pytest.raises(CorruptImagesError) as err:
+        make_dm(tmp_path, root=mini_copy).prepare_data()
+    assert sorted(err.value.paths) == sorted(map(str, bad))
+    for path in bad:
+        assert str(path) in str(err.value)
+    assert "data.on_corrupt=skip" in str(err.value)
+
+    caplog.set_level(logging.WARNING, logger="imagenette_lab")
+    dm = ready(make_dm(tmp_path, root=mini_copy, on_corrupt="skip"))
+    assert "leaving out 3 unreadable image(s)" in caplog.text
+    assert len(dm.train_set) == 198 and len(dm.val_set) == 99
+    assert not set(map(str, bad)) & {str(p) for p in dm.train_files + dm.val_files}
+    assert sum(len(y) for _, y in dm.val_dataloader()) == 99
+
+
+def test_image_damaged_after_verification_is_caught(tmp_path: Path, mini_copy: Path) -> None:
+    ready(make_dm(tmp_path, root=mini_copy))
+    victim = sorted((mini_copy / "val" / WNIDS[9]).glob("*.JPEG"))[2]
+    truncate(victim, keep=0.5)
+    with pytest.raises(CorruptImagesError, match=victim.name):
+        make_dm(tmp_path, root=mini_copy).prepare_data()
+
+
+def test_missing_and_extra_files_are_listed(tmp_path: Path, mini_copy: Path) -> None:
+    gone = sorted((mini_copy / "train" / WNIDS[3]).glob("*.JPEG"))[0]
+    gone.unlink()
+    stray = mini_copy / "val" / WNIDS[7] / "n03425413_stray.JPEG"
+    shutil.copy(sorted((mini_copy / "val" / WNIDS[7]).glob("*.JPEG"))[0], stray)
+    with pytest.raises(LayoutError) as err:
+        make_dm(tmp_path, root=mini_copy).prepare_data()
+    msg = str(err.value)
+    assert f"train/{WNIDS[3]}/{gone.name}" in msg and "val/n03425413/n03425413_stray.JPEG" in msg
+    assert f"train/{WNIDS[3]}: 20 in the CSV, 19 on disk" in msg
+    assert "val/n03425413: 10 in the CSV, 11 on disk" in msg
+    assert "1 file(s) listed in the CSV are missing and 1 file(s) on disk are not in the CSV" in msg
+
+
+def write_csv(root: Path, rows: list[dict[str, str]]) -> None:
+    with open(root / "noisy_imagenette.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_csv_that_disagrees_with_files(tmp_path: Path, mini_copy: Path) -> None:
+    original = csv_rows(mini_copy)
+    rows = [dict(r) for r in original]
+    dropped = rows.pop(0)["path"]
+    template = next(r for r in rows if r["path"].startswith("train/n01440764/"))
+    rows.append({**template, "path": "train/n01440764/n01440764_99999.JPEG"})
+    write_csv(mini_copy, rows)
+    with pytest.raises(LayoutError) as err:
+        make_dm(tmp_path, root=mini_copy).prepare_data()
+    assert dropped in str(err.value) and "n01440764_99999.JPEG" in str(err.value)
+
+    # same files, but a clean label that contradicts the folder the file is in
+    rows = [dict(r) for r in original]
+    rows[5]["noisy_labels_0"] = next(w for w in WNIDS if w != rows[5]["noisy_labels_0"])
+    write_csv(mini_copy, rows)
+    with pytest.raises(LayoutError, match=r"line 7: noisy_labels_0=n0\d+ but the file is in n0\d+/"):
+        make_dm(tmp_path, root=mini_copy).prepare_data()
+
+
+def test_empty_class_folder(tmp_path: Path, mini_copy: Path) -> None:
+    for path in (mini_copy / "val" / WNIDS[4]).glob("*.JPEG"):
+        path.unlink()
+    with pytest.raises(LayoutError, match=rf"empty class folder\(s\) \['val/{WNIDS[4]}'\]"):
+        make_dm(tmp_path, root=mini_copy).prepare_data()
+
+
+# ------------------------------------------------------------------------------------------ bad archives
+def test_missing_archive(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "imagenette2-320.tgz"
+    with pytest.raises(
+        MissingArchiveError, match=r"data\.archive=.*nowhere/imagenette2-320\.tgz does not exist"
+    ):
+        make_dm(tmp_path, archive=missing).prepare_data()
+    with pytest.raises(MissingArchiveError, match=r"data\.root=.* is not a folder"):
+        make_dm(tmp_path, root=tmp_path / "nothing-here").prepare_data()
+
+
+def test_truncated_archive(tmp_path: Path, mini_archive: Path) -> None:
+    broken = tmp_path / "imagenette2-224-mini.tgz"
+    broken.write_bytes(mini_archive.read_bytes()[: mini_archive.stat().st_size * 6 // 10])
+    with pytest.raises(ArchiveError, match="truncated or corrupt"):
+        make_dm(tmp_path / "data", archive=broken).prepare_data()
+    assert not (tmp_path / "data" / "imagenette2-224-mini").exists()
+    assert not list((tmp_path / "data").glob(".*extracting*"))  # the partial extraction is gone
+
+
+def test_archive_with_parent_member_is_refused(tmp_path: Path, mini_archive: Path) -> None:
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(mini_archive) as src, tarfile.open(evil, "w:gz") as dst:
+        payload = next(p for p in src.getnames() if p.endswith(".JPEG"))
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+        data = src.extractfile(payload).read()
+        escape = tarfile.TarInfo("imagenette2-224-mini/../../escaped.JPEG")
+        escape.size = len(data)
+        dst.addfile(escape, io.BytesIO(data))
+        link = tarfile.TarInfo("imagenette2-224-mini/link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        dst.addfile(link)
+    data_dir = tmp_path / "data"
+    with pytest.raises(UnsafeArchiveError) as err:
+        make_dm(data_dir, archive=evil).prepare_data()
+    assert "imagenette2-224-mini/../../escaped.JPEG" in str(err.value)
+    assert "imagenette2-224-mini/link -> /etc/passwd" in str(err.value) and len(err.value.members) == 2
+    assert "nothing was extracted" in str(err.value)
+    assert not (tmp_path / "escaped.JPEG").exists() and not (data_dir / "imagenette2-224-mini").exists()
+
+
+def test_local_archive_with_wrong_checksum(tmp_path: Path, mini_archive: Path) -> None:
+    fake = tmp_path / "imagenette2-160.tgz"  # claims to be the official 160 px release
+    shutil.copy(mini_archive, fake)
+    with pytest.raises(ChecksumError, match=r"does not match the published checksum of imagenette2-160\.tgz"):
+        make_dm(tmp_path / "data", archive=fake).prepare_data()
+
+
+def test_download_through_local_http_server(
+    tmp_path: Path, mini_archive: Path, http_dir: tuple[Path, str]
+) -> None:
+    served, base = http_dir
+    shutil.copy(mini_archive, served / "imagenette2-224-mini.tgz")
+    dest = tmp_path / "downloads" / "imagenette2-224-mini.tgz"
+    got = download_archive(base + "imagenette2-224-mini.tgz", dest, (ArchiveCheck.of(mini_archive),))
+    assert got == dest and dest.read_bytes() == mini_archive.read_bytes()
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]  # no .part left behind
+
+    # the published checksum is enforced: the mini archive is not the official 160 px release
+    with pytest.raises(ChecksumError, match=r"downloaded from http://127\.0\.0\.1"):
+        download_archive(
+            base + "imagenette2-224-mini.tgz",
+            tmp_path / "x" / "imagenette2-160.tgz",
+            published_checks("imagenette2-160.tgz"),
+        )
+    assert list((tmp_path / "x").iterdir()) == []  # rejected download removed, nothing renamed
+
+
+def test_failed_download_names_url_and_workaround(tmp_path: Path, http_dir: tuple[Path, str]) -> None:
+    _, base = http_dir
+    dm = make_dm(tmp_path, variant="160", mirror=base)
+    with pytest.raises(DownloadError) as err:
+        dm.prepare_data()
+    assert f"{base}imagenette2-160.tgz" in str(err.value) and "data.archive=PATH" in str(err.value)
+    assert list((tmp_path / "downloads").iterdir()) == []
+
+
+def test_datamodule_download_checks_published_checksum(
+    tmp_path: Path, mini_archive: Path, http_dir: tuple[Path, str]
+) -> None:
+    served, base = http_dir
+    shutil.copy(mini_archive, served / "imagenette2-160.tgz")  # a mirror serving the wrong file
+    with pytest.raises(ChecksumError, match=r"imagenette2-160\.tgz"):
+        make_dm(tmp_path, variant="160", mirror=base).prepare_data()
+    assert not (tmp_path / "downloads" / "imagenette2-160.tgz").exists()
+
+
+# ------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"label_noise": 7}, "data.label_noise=7 is not one of 0, 1, 5, 25, 50"),
+        ({"on_corrupt": "ignore"}, "data.on_corrupt='ignore' is not one of error, skip"),
+        ({"pipeline": "dali"}, "data.pipeline='dali' is not one of cached, pil"),
+        ({"val_crop": "five"}, "data.val_crop='five' is not one of center, random"),
+        ({"variant": "224"}, "data.variant='224' is not one of full, 320, 160"),
+        ({"dataset": "imagenet"}, "data.dataset='imagenet' is not one of imagenette, imagewoof"),
+        ({"resize": 48}, "data.resize=48 must be an integer >= data.crop=56"),
+        ({"num_classes": 5}, "data.num_classes=5 but dataset=imagenette has 10 classes"),
+        ({"erase_scale": [0.5, 0.1]}, "data.erase_scale=[0.5, 0.1] must be [min, max]"),
+        ({"hflip_p": 1.5}, "data.hflip_p=1.5 is a probability"),
+        ({"std": [0.2, 0.2]}, "data.std=[0.2, 0.2] must have 3 values"),
+    ],
+)
+def test_bad_config_fails_before_touching_data(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        make_dm(tmp_path / "untouched", archive=tmp_path / "missing.tgz", **kwargs)
+    assert message in str(err.value)
+    assert not (tmp_path / "untouched").exists()
+
+
+def test_yaml_configs_instantiate(tmp_path: Path, mini_root: Path) -> None:
+    cfg = OmegaConf.load(REPO / "conf" / "data" / "imagenette.yaml")
+    cfg.data_dir, cfg.seed, cfg.root = str(tmp_path), 3, str(mini_root)
+    cfg.update(SMALL)
+    dm = ready(instantiate(cfg))
+    assert isinstance(dm, ImagenetteDataModule) and dm.seed == 3 and len(dm.train_set) == 200
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        woof = compose("data/imagewoof", overrides=["+paths.data_dir=x", "+seed=0"])
+    woof = woof.data if "data" in woof else woof
+    assert woof.dataset == "imagewoof" and woof.resize == 280 and woof.batch_size == 32
+
+
+# ------------------------------------------------------------------------------------------ full size
+@pytest.mark.slow
+def test_full_archive_prepares_and_yields_batches(tmp_path: Path, full_archive: Path) -> None:
+    start = time.perf_counter()
+    dm = ready(ImagenetteDataModule(archive=full_archive, data_dir=tmp_path, pipeline="pil", num_workers=0))
+    elapsed = time.perf_counter() - start
+    assert len(dm.train_set) == 9469 and len(dm.val_set) == 3925
+    assert torch.bincount(dm.train_clean_labels).tolist() == [
+        963,
+        955,
+        993,
+        858,
+        941,
+        956,
+        961,
+        931,
+        951,
+        960,
+    ]
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (32, 3, 224, 224) and labels.shape == (32,)
+    print(f"full 224 archive: extract + verify 13,394 images in {elapsed:.1f} s")
