@@ -1,0 +1,43 @@
+"""ImageNette / ImageWoof data: sources, verification, the report's transforms, the fast cache and the DataModule."""
+
+from imagenette_lab.data.cache import CachedCropDataset, ImageCache, build_cache
+from imagenette_lab.data.datamodule import ImageListDataset, ImagenetteDataModule
+from imagenette_lab.data.errors import (
+    ArchiveError,
+    ChecksumError,
+    CorruptImagesError,
+    DataError,
+    DownloadError,
+    LayoutError,
+    MissingArchiveError,
+    UnsafeArchiveError,
+)
+from imagenette_lab.data.sources import DATASETS, ArchiveCheck, DatasetSpec, resolve_source
+from imagenette_lab.data.transforms import BatchAugment, BatchDraws, TransformSpec, reference_transform
+from imagenette_lab.data.verify import NOISE_LEVELS, verify_dataset
+
+__all__ = [
+    "DATASETS",
+    "NOISE_LEVELS",
+    "ArchiveCheck",
+    "ArchiveError",
+    "BatchAugment",
+    "BatchDraws",
+    "CachedCropDataset",
+    "ChecksumError",
+    "CorruptImagesError",
+    "DataError",
+    "DatasetSpec",
+    "DownloadError",
+    "ImageCache",
+    "ImageListDataset",
+    "ImagenetteDataModule",
+    "LayoutError",
+    "MissingArchiveError",
+    "TransformSpec",
+    "UnsafeArchiveError",
+    "build_cache",
+    "reference_transform",
+    "resolve_source",
+    "verify_dataset",
+]

@@ -1,0 +1,324 @@
+"""``ImagenetteDataModule``: ImageNette / ImageWoof with the report's transforms, verified before use."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import pil_loader
+
+from imagenette_lab.data.cache import CachedCropDataset, ImageCache, build_cache, cache_dir
+from imagenette_lab.data.errors import CorruptImagesError
+from imagenette_lab.data.sources import DATASETS, VARIANTS, resolve_source
+from imagenette_lab.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchAugment,
+    TransformSpec,
+    as_triple,
+    reference_transform,
+)
+from imagenette_lab.data.verify import NOISE_LEVELS, SPLITS, Row, VerifiedDataset, verify_dataset
+
+log = logging.getLogger(__name__)
+
+ON_CORRUPT = ("error", "skip")
+PIPELINES = ("cached", "pil")
+VAL_CROPS = ("center", "random")
+
+
+class ImageListDataset(Dataset):
+    """(image, label) from a list of files, decoded with PIL to RGB (grayscale/CMYK converted)."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int], transform: Callable) -> None:
+        self.files = list(files)
+        self.labels = list(labels)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(pil_loader(str(self.files[i]))), self.labels[i]
+
+
+def _choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
+    if isinstance(value, bool) or value not in allowed:
+        raise ValueError(f"data.{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _pair(key: str, values: Sequence[float], low: float, high: float) -> tuple[float, float]:
+    vals = tuple(float(v) for v in values)
+    if len(vals) != 2 or not (low < vals[0] <= vals[1] <= high):
+        raise ValueError(f"data.{key}={list(values)} must be [min, max] with {low} < min <= max <= {high}")
+    return vals  # type: ignore[return-value]
+
+
+class ImagenetteDataModule(L.LightningDataModule):
+    """ImageNette (or ImageWoof) train/val loaders with the report's transforms.
+
+    ``prepare_data()`` (rank 0) resolves the source (``root`` > ``archive`` > official download),
+    extracts it, verifies it against the label CSV and decodes every image (remembered per file, so a
+    rerun only stats the files), then builds the resize cache when ``pipeline="cached"``.
+    ``setup()`` builds the datasets on every rank.
+
+    Batches reaching the model are ``(float32 (B, 3, crop, crop) normalized, int64 (B,))``:
+
+    * ``pipeline="pil"``: the torchvision reference runs per image in the loader workers;
+    * ``pipeline="cached"``: the loader yields uint8 crops sliced from the resize cache in the main
+      process (``num_workers`` is not used: worker IPC would cost more than the slicing) and
+      :meth:`on_after_batch_transfer` (Lightning calls it after moving the batch to the device) flips,
+      normalizes and erases the whole batch on that device when ``trainer.training``, and only
+      normalizes otherwise. Without a trainer, call :meth:`gpu_transform` yourself.
+
+    Validation crops are centred by default (``val_crop="center"``); the report literally used the
+    training RandomCrop for validation too (``val_crop="random"``), which makes validation accuracy a
+    random variable. Constructor arguments are the keys of ``conf/data/imagenette.yaml``.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "imagenette",
+        variant: str = "320",
+        root: str | Path | None = None,
+        archive: str | Path | None = None,
+        data_dir: str | Path = "data",
+        num_classes: int = 10,
+        label_noise: int = 0,
+        on_corrupt: str = "error",
+        pipeline: str = "cached",
+        resize: int = 280,
+        crop: int = 224,
+        val_crop: str = "center",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        hflip_p: float = 0.5,
+        erase_p: float = 0.5,
+        erase_scale: Sequence[float] = (0.02, 0.33),
+        erase_ratio: Sequence[float] = (0.3, 3.3),
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        mirror: str | None = None,
+    ) -> None:
+        super().__init__()
+        _choice("dataset", dataset, list(DATASETS))
+        variant = str(variant)
+        _choice("variant", variant, VARIANTS)
+        _choice("label_noise", label_noise, NOISE_LEVELS)
+        _choice("on_corrupt", on_corrupt, ON_CORRUPT)
+        _choice("pipeline", pipeline, PIPELINES)
+        _choice("val_crop", val_crop, VAL_CROPS)
+        self.spec = DATASETS[dataset]
+        if num_classes != len(self.spec.classes):
+            raise ValueError(
+                f"data.num_classes={num_classes} but dataset={dataset} has {len(self.spec.classes)} classes"
+            )
+        for key, value in (("crop", crop), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key}={value!r} must be a positive integer")
+        if isinstance(resize, bool) or not isinstance(resize, int) or resize < crop:
+            raise ValueError(f"data.resize={resize!r} must be an integer >= data.crop={crop} (px)")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
+        for key, value in (("hflip_p", hflip_p), ("erase_p", erase_p)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"data.{key}={value!r} is a probability and must lie in [0, 1]")
+        std3 = as_triple(std, "std")
+        if min(std3) <= 0:
+            raise ValueError(f"data.std={list(std)} must be positive")
+        self.transform_spec = TransformSpec(
+            resize=resize,
+            crop=crop,
+            val_crop=val_crop,
+            mean=as_triple(mean, "mean"),
+            std=std3,
+            hflip_p=float(hflip_p),
+            erase_p=float(erase_p),
+            erase_scale=_pair("erase_scale", erase_scale, 0.0, 1.0),
+            erase_ratio=_pair("erase_ratio", erase_ratio, 0.0, float("inf")),
+        )
+        self.variant = variant
+        self.root = root
+        self.archive = archive
+        self.data_dir = Path(data_dir).expanduser()
+        self.label_noise = label_noise
+        self.on_corrupt = on_corrupt
+        self.pipeline = pipeline
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.drop_last = bool(drop_last)
+        self.seed = int(seed)
+        self.mirror = mirror
+        self.augment = BatchAugment(self.transform_spec)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self.verified: VerifiedDataset | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    # ------------------------------------------------------------------------------- properties
+    @property
+    def class_names(self) -> list[str]:
+        """Human-readable class names in label order (sorted WordNet ids)."""
+        return self.spec.class_names
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (10 for both datasets)."""
+        return len(self.spec.classes)
+
+    @property
+    def dataset_root(self) -> Path:
+        """The verified extracted folder (after ``setup``)."""
+        return self._require().root
+
+    # ------------------------------------------------------------------------------- preparation
+    def _resolve(self, prepare: bool) -> Path:
+        return resolve_source(
+            self.spec,
+            root=self.root,
+            archive=self.archive,
+            variant=self.variant,
+            data_dir=self.data_dir,
+            mirror=self.mirror,
+            prepare=prepare,
+        )
+
+    def _verify(self, root: Path) -> VerifiedDataset:
+        verified = verify_dataset(root, self.spec, self.num_classes, self.data_dir / "verified")
+        if verified.unreadable:
+            bad = sorted(verified.unreadable)
+            if self.on_corrupt == "error":
+                listing = "\n  ".join(f"{root / p}: {verified.unreadable[p]}" for p in bad)
+                raise CorruptImagesError(
+                    f"{len(bad)} image(s) under {root} cannot be decoded:\n  {listing}\nReplace them "
+                    f"(re-extract the archive) or set data.on_corrupt=skip to train without them.",
+                    [str(root / p) for p in bad],
+                )
+            log.warning("data.on_corrupt=skip: leaving out %d unreadable image(s) under %s", len(bad), root)
+        return verified
+
+    def _usable(self, verified: VerifiedDataset, split: str) -> list[Row]:
+        return [r for r in verified.split(split) if r.path not in verified.unreadable]
+
+    def _caches(self, verified: VerifiedDataset) -> dict[str, ImageCache]:
+        return {
+            split: build_cache(
+                verified.root,
+                [r.path for r in self._usable(verified, split)],
+                cache_dir(self.data_dir, verified.root, split, self.transform_spec.resize),
+                self.transform_spec.resize,
+            )
+            for split in SPLITS
+        }
+
+    def prepare_data(self) -> None:
+        """Fetch, extract, verify every image and (``pipeline=cached``) build the resize cache."""
+        verified = self._verify(self._resolve(prepare=True))
+        if self.pipeline == "cached":
+            self._caches(verified)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the train/val datasets (labels from the CSV, ``label_noise`` for training)."""
+        self.verified = verified = self._verify(self._resolve(prepare=False))
+        train_rows, val_rows = self._usable(verified, "train"), self._usable(verified, "val")
+        index = {w: i for i, w in enumerate(self.spec.wnids)}
+        self.train_files = [verified.root / r.path for r in train_rows]
+        self.val_files = [verified.root / r.path for r in val_rows]
+        self.train_labels = torch.tensor([index[r.noisy[self.label_noise]] for r in train_rows])
+        self.train_clean_labels = torch.tensor([index[r.wnid] for r in train_rows])
+        self.val_labels = torch.tensor([index[r.wnid] for r in val_rows])
+        spec = self.transform_spec
+        if self.pipeline == "pil":
+            self.train_set = ImageListDataset(
+                self.train_files, self.train_labels.tolist(), reference_transform(spec, True)
+            )
+            self.val_set = ImageListDataset(
+                self.val_files, self.val_labels.tolist(), reference_transform(spec, False)
+            )
+        else:
+            caches = self._caches(verified)  # reuses what prepare_data built
+            crops = torch.Generator().manual_seed(self.seed + 2)
+            self.train_set = CachedCropDataset(
+                caches["train"], self.train_labels, spec.crop, random_crop=True, generator=crops
+            )
+            self.val_set = CachedCropDataset(
+                caches["val"], self.val_labels, spec.crop, spec.val_crop == "random", generator=crops
+            )
+        # one generator for the whole run: each epoch gets a new, reproducible permutation
+        self._shuffle_generator = torch.Generator().manual_seed(self.seed)
+        log.info(
+            "%s: %d train / %d val images, label_noise=%d%% (%d training labels differ from the clean ones)",
+            verified.root.name,
+            len(train_rows),
+            len(val_rows),
+            self.label_noise,
+            int((self.train_labels != self.train_clean_labels).sum()),
+        )
+
+    def _require(self) -> VerifiedDataset:
+        if self.verified is None:
+            raise RuntimeError("call prepare_data() and setup() before using the datamodule's data")
+        return self.verified
+
+    # ------------------------------------------------------------------------------- loaders
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        self._require()
+        # The cached pipeline slices crops in the main process: a memory-mapped slice costs less than
+        # shipping the crop from a worker process through shared memory (measured: worker IPC alone
+        # caps below the in-process slicing rate), so num_workers only applies to the pil pipeline.
+        workers = self.num_workers if self.pipeline == "pil" else 0
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=self._shuffle_generator if train else None,
+            drop_last=self.drop_last and train,
+            num_workers=workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) training batches; the last incomplete batch dropped when ``drop_last``."""
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in file order."""
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The official split has no test set: the validation set doubles as test set."""
+        return self._loader(self.val_set, train=False)
+
+    # ------------------------------------------------------------------------------- device-side ops
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + 1 + rank)
+        return self._generators[device]
+
+    def gpu_transform(
+        self, batch: tuple[torch.Tensor, torch.Tensor], train: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached pipeline: uint8 crops -> normalized float32 (flip + erase too when ``train``)."""
+        images, labels = batch
+        generator = self._generator(images.device) if train else None
+        return self.augment(images, train=train, generator=generator), labels
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning hook: run :meth:`gpu_transform` on the device for the cached pipeline."""
+        if self.pipeline != "cached":
+            return batch
+        train = self.trainer is not None and self.trainer.training
+        return self.gpu_transform(batch, train=train)

@@ -1,0 +1,413 @@
+"""Where the images come from: dataset specs, official URLs and checksums, download and safe extraction.
+
+A dataset folder is resolved in this order (each step is logged):
+
+1. ``data.root``: an already-extracted ``<name>/`` folder (``train/``, ``val/``, ``noisy_*.csv``);
+2. ``data.archive``: a local official-layout ``.tgz``, extracted once into ``data.data_dir``;
+3. the official fast.ai archive for ``data.variant``, downloaded into ``data.data_dir/downloads``
+   and checked against its published size and checksum before it is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tqdm.auto import tqdm
+
+from imagenette_lab.data.errors import (
+    ArchiveError,
+    ChecksumError,
+    DownloadError,
+    MissingArchiveError,
+    UnsafeArchiveError,
+)
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_BASE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/"
+VARIANTS = ("full", "320", "160")
+CHUNK_BYTES = 1 << 20  # bytes read/written per step while downloading or hashing
+
+
+@dataclass(frozen=True)
+class ArchiveCheck:
+    """fast.ai's published fingerprint of an archive: its size and the md5 of its first MiB.
+
+    This is the format of fastai's ``download_checks.py`` (computed by ``fastdownload.path_stats``);
+    the size catches truncated downloads, the head md5 catches a different file under the same name.
+    """
+
+    size: int  # bytes
+    md5_head: str  # hex md5 of the first 2**20 bytes
+
+    @classmethod
+    def of(cls, path: Path) -> ArchiveCheck:
+        """Fingerprint a local file the same way."""
+        with open(path, "rb") as f:
+            head = f.read(CHUNK_BYTES)
+        return cls(size=os.path.getsize(path), md5_head=hashlib.md5(head).hexdigest())
+
+
+# Published checks, from fastai/fastai ``fastai/data/download_checks.py`` (current) and the earlier
+# ``fastai/data/checks.txt``: the archives were re-uploaded once, so both published fingerprints are
+# accepted (an old download is still the official data).
+_PUBLISHED_CHECKS: dict[str, tuple[ArchiveCheck, ...]] = {
+    "imagenette2.tgz": (
+        ArchiveCheck(1557161267, "2c774ecb40005b35d7937d50f5d42336"),
+        ArchiveCheck(1556914727, "5103dc075392e9e6a7bc92653a88c3cd"),
+    ),
+    "imagenette2-320.tgz": (
+        ArchiveCheck(341663724, "1f1f74f133caff120e575856659b87a2"),
+        ArchiveCheck(341553947, "55496feff4562875a3246d819d094b2b"),
+    ),
+    "imagenette2-160.tgz": (
+        ArchiveCheck(99003388, "c475f8f7617a200ba35b9facc48443c3"),
+        ArchiveCheck(98948031, "e28cd4207d545c64f2372bcb64753d01"),
+    ),
+    "imagewoof2.tgz": (
+        ArchiveCheck(1343715595, "2cc1c1e36e20cb6fd24ffb978edcb487"),
+        ArchiveCheck(1343482285, "7314775a4af7c979910455baec7e6c46"),
+    ),
+    "imagewoof2-320.tgz": (
+        ArchiveCheck(328387740, "7a1fd92672a559a85de76e4810a20c21"),
+        ArchiveCheck(328288506, "e24c62362b2594f2d1f3ce5f9e7ee18d"),
+    ),
+    "imagewoof2-160.tgz": (
+        ArchiveCheck(92612825, "3559b194123981a540b87132dbda412f"),
+        ArchiveCheck(92560471, "8cd8964848106c00af3c087330af9057"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What identifies one of the fast.ai ImageNet subsets."""
+
+    name: str
+    classes: dict[str, str]  # WordNet id -> human-readable class name
+    csv_name: str  # label CSV at the top of the extracted folder
+    stem: str  # archive name stem: <stem>.tgz (full size), <stem>-320.tgz, <stem>-160.tgz
+
+    @property
+    def wnids(self) -> list[str]:
+        """WordNet ids in label order (sorted, as the folders sort)."""
+        return sorted(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Human-readable names in label order."""
+        return [self.classes[w] for w in self.wnids]
+
+    def archive_name(self, variant: str) -> str:
+        """Official archive file name for ``variant`` (full | 320 | 160)."""
+        if variant not in VARIANTS:
+            raise ValueError(f"data.variant={variant!r} is not one of {', '.join(VARIANTS)}")
+        return f"{self.stem}.tgz" if variant == "full" else f"{self.stem}-{variant}.tgz"
+
+    def url(self, variant: str, mirror: str | None = None) -> str:
+        """Download URL of ``variant``, from fast.ai's bucket or a mirror with the same file names."""
+        base = mirror if mirror else OFFICIAL_BASE_URL
+        return base.rstrip("/") + "/" + self.archive_name(variant)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "imagenette": DatasetSpec(
+        name="imagenette",
+        classes={
+            "n01440764": "tench",
+            "n02102040": "English springer",
+            "n02979186": "cassette player",
+            "n03000684": "chain saw",
+            "n03028079": "church",
+            "n03394916": "French horn",
+            "n03417042": "garbage truck",
+            "n03425413": "gas pump",
+            "n03445777": "golf ball",
+            "n03888257": "parachute",
+        },
+        csv_name="noisy_imagenette.csv",
+        stem="imagenette2",
+    ),
+    # Names are ImageNet's for these synsets (fast.ai's README swaps the two terriers).
+    "imagewoof": DatasetSpec(
+        name="imagewoof",
+        classes={
+            "n02086240": "Shih-Tzu",
+            "n02087394": "Rhodesian ridgeback",
+            "n02088364": "beagle",
+            "n02089973": "English foxhound",
+            "n02093754": "Border terrier",
+            "n02096294": "Australian terrier",
+            "n02099601": "golden retriever",
+            "n02105641": "Old English sheepdog",
+            "n02111889": "Samoyed",
+            "n02115641": "dingo",
+        },
+        csv_name="noisy_imagewoof.csv",
+        stem="imagewoof2",
+    ),
+}
+
+
+def published_checks(file_name: str) -> tuple[ArchiveCheck, ...]:
+    """Published fingerprints for an official archive file name (empty for anything else)."""
+    return _PUBLISHED_CHECKS.get(file_name, ())
+
+
+def check_archive(path: Path, expected: tuple[ArchiveCheck, ...], subject: str, name: str) -> None:
+    """Raise :class:`ChecksumError` unless ``path`` matches one of ``expected`` (no-op when empty).
+
+    ``subject`` says what the file is in the error message, ``name`` which official archive it claims to be.
+    """
+    if not expected:
+        return
+    got = ArchiveCheck.of(path)
+    if got in expected:
+        return
+    want = " or ".join(f"{c.size} bytes / md5(first MiB) {c.md5_head}" for c in expected)
+    raise ChecksumError(
+        f"{subject} does not match the published checksum of {name}: got {got.size} bytes / "
+        f"md5(first MiB) {got.md5_head}, expected {want}. The file is incomplete or not the official "
+        f"release: delete it and download again, or point data.archive=PATH at a good copy."
+    )
+
+
+# --------------------------------------------------------------------------------------------- download
+def download_archive(url: str, dest: Path, expected: tuple[ArchiveCheck, ...] = ()) -> Path:
+    """Download ``url`` to ``dest`` through a temporary file, renamed only once complete and verified.
+
+    Written by hand because ``torchvision.datasets.utils.download_url`` writes straight to the final
+    path, so an interrupted download would look like a finished one.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:  # timeout in seconds
+                    total = response.length
+                    received = 0
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                        while chunk := response.read(CHUNK_BYTES):
+                            out.write(chunk)
+                            received += len(chunk)
+                            bar.update(len(chunk))
+            except (urllib.error.URLError, OSError, ValueError) as err:
+                raise DownloadError(
+                    f"downloading {url} failed ({err}). Without internet access, download it elsewhere and "
+                    f"pass the local copy with data.archive=PATH."
+                ) from err
+            if total is not None and received != total:
+                raise DownloadError(
+                    f"downloading {url} stopped after {received} of {total} bytes. Try again, or pass a "
+                    f"local copy with data.archive=PATH."
+                )
+        check_archive(tmp, expected, subject=f"the file downloaded from {url}", name=dest.name)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("downloaded %s -> %s", url, dest)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- extract
+def _normalized_parts(name: str) -> tuple[str, ...]:
+    """Path parts of a member name without leading ``./`` (tar tools write both forms)."""
+    parts = PurePosixPath(name).parts
+    while parts and parts[0] == ".":
+        parts = parts[1:]
+    return parts
+
+
+def unsafe_members(members: list[tarfile.TarInfo], dest: Path) -> list[str]:
+    """Members that would be written (or link) outside ``dest``, or are device files.
+
+    ``tarfile``'s ``filter="data"`` refuses these too, but one at a time and mid-extraction; listing
+    them all first means nothing is written from a hostile archive and the error names every culprit.
+    """
+    root = os.path.abspath(dest)
+
+    def outside(path: str) -> bool:
+        return os.path.commonpath([root, os.path.abspath(path)]) != root
+
+    bad = []
+    for m in members:
+        target = os.path.join(root, m.name)
+        if os.path.isabs(m.name) or outside(target):
+            bad.append(f"{m.name} (outside the target folder)")
+        elif m.issym() and outside(os.path.join(os.path.dirname(target), m.linkname)):
+            bad.append(f"{m.name} -> {m.linkname} (symlink leaving the target folder)")
+        elif m.islnk() and outside(os.path.join(root, m.linkname)):
+            bad.append(f"{m.name} -> {m.linkname} (hard link leaving the target folder)")
+        elif m.isdev():
+            bad.append(f"{m.name} (device or fifo)")
+    return bad
+
+
+@contextlib.contextmanager
+def _open_tar(archive: Path) -> Iterator[tuple[tarfile.TarFile, object]]:
+    with open(archive, "rb") as raw:
+        try:
+            # not a with-statement: opening is the step that fails on a non-archive; closed below
+            tar = tarfile.open(fileobj=raw, mode="r:*")  # noqa: SIM115
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            raise ArchiveError(
+                f"{archive} is not a readable tar archive ({err}). Point data.archive=PATH at an "
+                f"official-layout .tgz such as imagenette2-320.tgz."
+            ) from err
+        with tar:
+            yield tar, raw
+
+
+def _truncated(archive: Path, err: BaseException) -> ArchiveError:
+    return ArchiveError(
+        f"{archive} is truncated or corrupt ({type(err).__name__}: {err}). Delete it and download it "
+        f"again, or point data.archive=PATH at a complete copy."
+    )
+
+
+def extract_archive(archive: Path, dest_parent: Path) -> Path:
+    """Extract an official-layout archive into ``dest_parent/<top folder>`` and return that folder.
+
+    Members are listed and checked first; extraction goes to a temporary sibling folder that is
+    renamed into place only when complete, so a crash never leaves a half-extracted dataset behind.
+    """
+    dest_parent.mkdir(parents=True, exist_ok=True)
+    size = archive.stat().st_size
+    with _open_tar(archive) as (tar, raw):
+        members: list[tarfile.TarInfo] = []
+        try:
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"scan {archive.name}") as bar:
+                for member in tar:
+                    members.append(member)
+                    bar.update(raw.tell() - bar.n)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            raise _truncated(archive, err) from err
+
+        bad = unsafe_members(members, dest_parent / "_check")
+        if bad:
+            raise UnsafeArchiveError(
+                f"{archive} has {len(bad)} member(s) that would land outside the extraction folder; "
+                f"nothing was extracted. Use an official archive. Offending members: " + "; ".join(bad),
+                bad,
+            )
+        tops = {parts[0] for m in members if (parts := _normalized_parts(m.name))}
+        if len(tops) != 1:
+            raise ArchiveError(
+                f"{archive} must hold exactly one top folder (like imagenette2-320/ with train/, val/ and "
+                f"the label CSV) but its top level is {sorted(tops)}. Repack it in the official layout."
+            )
+        top = tops.pop()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{top}.extracting-", dir=dest_parent))
+        try:
+            try:
+                tar.extractall(tmp, members=tqdm(members, desc=f"extract {archive.name}"), filter="data")
+            except (tarfile.TarError, EOFError, zlib.error) as err:
+                raise _truncated(archive, err) from err
+            final = dest_parent / top
+            if final.exists():
+                shutil.rmtree(final)  # a stale extraction of an older archive
+            os.replace(tmp / top, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("extracted %s -> %s (%d members)", archive, final, len(members))
+    return final
+
+
+# --------------------------------------------------------------------------------------------- resolve
+def _stat_key(path: Path) -> dict[str, object]:
+    st = path.stat()
+    return {"archive": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def extract_once(archive: Path, data_dir: Path, prepare: bool = True) -> Path:
+    """Extract ``archive`` under ``data_dir`` unless an extraction of this very file is already there.
+
+    A small JSON marker beside the folder records which archive (path, size, mtime) it came from.
+    With ``prepare=False`` nothing is extracted (for ``setup()`` on every rank) and a missing
+    extraction is an error.
+    """
+    marker = data_dir / f"{archive.name}.extracted.json"
+    key = _stat_key(archive)
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        folder = data_dir / record.get("folder", "")
+        if {k: record.get(k) for k in key} == key and folder.is_dir() and record.get("folder"):
+            log.info("reusing %s (extracted from %s)", folder, archive)
+            return folder
+    if not prepare:
+        raise ArchiveError(f"{archive} has not been extracted into {data_dir}; call prepare_data() first.")
+    folder = extract_archive(archive, data_dir)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**key, "folder": folder.name}))
+    os.replace(tmp, marker)
+    return folder
+
+
+def resolve_source(
+    spec: DatasetSpec,
+    *,
+    root: str | Path | None,
+    archive: str | Path | None,
+    variant: str,
+    data_dir: str | Path,
+    mirror: str | None = None,
+    prepare: bool = True,
+) -> Path:
+    """Return the extracted dataset folder, fetching/extracting it first when ``prepare``."""
+    data_dir = Path(data_dir).expanduser()
+    if root is not None:
+        folder = Path(root).expanduser()
+        if not folder.is_dir():
+            raise MissingArchiveError(
+                f"data.root={root} is not a folder. Point it at an extracted {spec.stem}-* folder "
+                f"(with train/, val/ and {spec.csv_name}), or set data.root=null to use data.archive "
+                f"or the official download."
+            )
+        log.info("data source: extracted folder data.root=%s", folder)
+        return folder
+    if archive is not None:
+        path = Path(archive).expanduser()
+        if not path.is_file():
+            raise MissingArchiveError(
+                f"data.archive={archive} does not exist. Point it at a local official-layout .tgz "
+                f"(e.g. {spec.archive_name(variant)}), or set data.archive=null to download "
+                f"{spec.url(variant, mirror)}."
+            )
+        log.info("data source: local archive data.archive=%s", path)
+        if prepare:
+            check_archive(path, published_checks(path.name), subject=f"data.archive={path}", name=path.name)
+        return extract_once(path, data_dir, prepare=prepare)
+
+    url = spec.url(variant, mirror)
+    download = data_dir / "downloads" / spec.archive_name(variant)
+    log.info("data source: official download %s (data.variant=%s)", url, variant)
+    if prepare:
+        expected = published_checks(download.name)
+        if download.is_file():
+            try:
+                check_archive(
+                    download, expected, subject=f"the earlier download {download}", name=download.name
+                )
+            except ChecksumError as err:
+                log.warning("%s; downloading it again", err)
+                download.unlink()
+        if not download.is_file():
+            download_archive(url, download, expected)
+    elif not download.is_file():
+        raise ArchiveError(f"{download} has not been downloaded yet; call prepare_data() first.")
+    return extract_once(download, data_dir, prepare=prepare)
