@@ -50,8 +50,8 @@ def main(cfg: DictConfig) -> float | None:
     ckpt = P.check_checkpoint(resume or Path(cfg.ckpt_path), cfg) if resume or cfg.mode == "eval" else None
     pl.seed_everything(cfg.seed, workers=True)
 
+    net = instantiate(cfg.model)  # bad flag/model combinations fail here, before any data is touched
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
-    net = instantiate(cfg.model)
     module = instantiate(
         cfg.module, _convert_="all", net=net, optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.sched),
         num_classes=cfg.data.num_classes, hparams={"signature": P.model_signature(cfg)},

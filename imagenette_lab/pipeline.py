@@ -12,12 +12,14 @@ import netrc
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import hydra.utils
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -67,6 +69,9 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.accelerator={accel} but no CUDA GPU is visible; use trainer=cpu (or trainer.accelerator=auto)"
         )
     on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+    if cfg.trainer.sync_batchnorm and not on_gpu:
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA-only); "
+                          "set trainer.sync_batchnorm=false for CPU runs")
     precision = cfg.trainer.precision
     if precision is not None:
         valid = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
@@ -95,8 +100,11 @@ def resolve_runtime(cfg: DictConfig) -> None:
 
 # ------------------------------------------------------------------------------------------ naming
 def safe_dirname(overrides: str, max_len: int = 120) -> str:
-    """A file-system-safe folder name for an override string; long ones are shortened with a hash."""
-    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", overrides) or "default"
+    """A folder name for an override string (``a=1,b=2`` -> ``a-1+b-2``) that is safe on file systems
+    and in Hydra overrides; long ones are shortened with a hash."""
+    # "=" and "," would need quoting when the path is passed back as an override (ckpt_path=...).
+    name = overrides.replace("=", "-").replace(",", "+")
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "default"
     if len(name) > max_len:
         digest = hashlib.sha1(name.encode()).hexdigest()[:10]
         name = f"{name[: max_len - 11]}_{digest}"
@@ -266,3 +274,29 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
             out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [(prefix.rstrip("."), a, b)]
+
+
+class OutputDirCheck(Callback):
+    """Hydra callback: refuse to start when ``paths.log_dir`` cannot be written, before Hydra creates the
+    run folder inside it (otherwise the first sign is a traceback from deep inside Hydra).
+
+    Hydra turns exceptions raised by callbacks into warnings, so this exits with the message instead.
+    """
+
+    def _check(self, config: DictConfig) -> None:
+        target = Path(str(OmegaConf.select(config, "paths.log_dir")))
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=target):
+                pass
+        except OSError as err:
+            raise SystemExit(
+                f"error: output folder paths.log_dir={target} is not writable ({type(err).__name__}: "
+                f"{err.strerror}); set paths.log_dir=... (or hydra.run.dir / hydra.sweep.dir) to a writable folder"
+            ) from err
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)

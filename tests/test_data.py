@@ -12,6 +12,7 @@ import functools
 import http.server
 import io
 import logging
+import multiprocessing
 import random
 import shutil
 import tarfile
@@ -108,6 +109,7 @@ def test_archive_extract_verify_batches(
     assert torch.bincount(dm.train_labels, minlength=10).tolist() == [20] * 10
     images, labels = next(iter(dm.val_dataloader()))
     assert torch.equal(labels, dm.val_labels[:8])  # validation keeps file order
+    assert torch.equal(next(iter(dm.test_dataloader()))[1], labels)  # no official test split: val
     folder_labels = [WNIDS.index(p.parent.name) for p in dm.val_files[:8]]
     assert labels.tolist() == folder_labels
     assert images.std() > 0.3  # real pixels, not a constant
@@ -131,6 +133,29 @@ def test_seeded_shuffling_is_reproducible_and_changes_per_epoch(tmp_path: Path, 
     assert a == b  # same seed, same order
     assert a[0] != a[1]  # a new permutation each epoch
     assert a[0] != c[0]
+
+
+def _prepare_in_child(data_dir: Path, archive: Path) -> None:
+    dm = make_dm(data_dir, archive=archive)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_set) == 200
+
+
+def test_parallel_jobs_share_one_data_dir(tmp_path: Path, mini_archive: Path) -> None:
+    """Sweep jobs started together: one prepares, the others wait and reuse (no half-deleted folders)."""
+    context = multiprocessing.get_context("fork")
+    jobs = [context.Process(target=_prepare_in_child, args=(tmp_path, mini_archive)) for _ in range(3)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=120)
+    assert [job.exitcode for job in jobs] == [0, 0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "imagenette2-224-mini",
+        "imagenette2-224-mini.tgz.extracted.json",
+        "verified",
+    ]
 
 
 def test_root_wins_over_archive(tmp_path: Path, mini_root: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -56,6 +56,16 @@ BLOCK_DROPOUTS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on 32-64 px inputs, syncing threads on 2 shared cores costs far more than it
+    saves (measured 10-20x slower CPU time with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def images(mini_root: Path) -> torch.Tensor:
     """Four real validation images (two classes), 64 px, ImageNet-normalized."""
@@ -180,12 +190,11 @@ def test_act_replaces_every_activation(name: str, images: torch.Tensor):
     assert set(default_calls) == {ACT_FUNCTION[DEFAULT_ACT[name]]}
     n_acts = default_calls[ACT_FUNCTION[DEFAULT_ACT[name]]]
     assert n_acts > 10
-    for act in ("mish", "relu", "gelu"):
+    for act in ("mish", "gelu"):
         model = create_model(name, NUM_CLASSES, act=act).eval()
         # the same number of activations, all of the chosen kind: none left behind, none dropped
         assert activation_calls(model, x) == Counter({ACT_FUNCTION[act]: n_acts}), act
-    mish = create_model(name, NUM_CLASSES, act="mish")
-    assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in mish.modules())
+        assert not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in model.modules())
 
 
 def _halving_layers(model: nn.Module, x: torch.Tensor) -> tuple[list[nn.Module], tuple[int, int]]:
@@ -233,6 +242,11 @@ def test_block_drop_rate_puts_dropout_in_every_block(name: str, images: torch.Te
     model = create_model(name, NUM_CLASSES, block_drop_rate=0.3)
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p == 0.3]
     assert len(drops) == BLOCK_DROPOUTS[name]
+    # timm zero-inits each ResNet branch's last BN scale, which would hide anything inside the branch at
+    # init; unit scales stand in for a trained network
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
     with torch.no_grad():
         model.train()
         assert not torch.allclose(model(x), model(x))

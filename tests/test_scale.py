@@ -44,7 +44,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, mini_archive
     # DDP training: one folder, one epochs.csv, completed.
     out = tmp_path / "ddp_train"
     run_cli([*TINY, *SMALL_HYBRID, *data, "debug=limit", "trainer.max_epochs=1", "trainer.strategy=ddp",
-             "trainer.devices=2", "trainer.sync_batchnorm=true", f"hydra.run.dir={out}"], tmp_path)
+             "trainer.devices=2", f"hydra.run.dir={out}"], tmp_path)
     assert _metrics(out)["status"] == "completed"
     assert [r["epoch"] for r in read_epochs_csv(out / "epochs.csv")] == [1]
 
@@ -57,10 +57,10 @@ def _hydra_cfg(args: list[str]) -> str:
 
 
 def test_slurm_and_parallel_presets_compose() -> None:
-    slurm = _hydra_cfg(["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=lab"])
+    slurm = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=lab"])
     assert "SlurmLauncher" in slurm and "partition: gpu" in slurm and "account: lab" in slurm
     assert "max_num_timeout: 3" in slurm
-    par = _hydra_cfg(["-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=3"])
+    par = _hydra_cfg(["hydra/launcher=parallel", "hydra.launcher.n_jobs=3"])
     assert "JoblibLauncher" in par and "n_jobs: 3" in par
 
 
@@ -92,3 +92,26 @@ def test_nan_loss_fails_clearly_and_keeps_last_good_checkpoint(tmp_path: Path, m
     kept = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert kept["epoch"] == good["epoch"] == 0
     assert all(torch.equal(kept["state_dict"][k], v) for k, v in good["state_dict"].items())
+
+
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, mini_archive: Path) -> None:
+    """Incompatible flags and an unwritable output folder stop the run before any data is touched."""
+    cases = {
+        "width on resnet50": (["model=resnet50", "+model.width=0.5"], "'width' is not supported by 'resnet50'"),
+        "unknown option": (["optim=adamm"], "Could not find 'optim/adamm'"),
+        "misspelt key": (["data.batchsize=8"], "batchsize"),
+        "bad label noise": (["data.label_noise=7"], "data.label_noise=7"),
+    }
+    for name, (args, message) in cases.items():
+        out = run_cli([*args, f"data.archive={mini_archive}"], tmp_path, check=False)
+        assert out.returncode != 0, name
+        assert message in out.stdout + out.stderr, (name, out.stderr[-2000:])
+    assert not (tmp_path / "data").exists()  # nothing was extracted or cached
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), f"paths.log_dir={blocker / 'logs'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"output folder paths.log_dir={blocker / 'logs'} is not writable" in proc.stderr
+    assert blocker.read_text() == "not a folder"

@@ -44,7 +44,10 @@ def pmap(
         # fork: workers inherit the imported modules instantly; they only run PIL/numpy code, never CUDA.
         context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         chunk = max(1, min(256, len(items) // (workers * 8)))
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+        try:
             for result in pool.map(fn, items, chunksize=chunk):
                 yield result
                 bar.update()
+        finally:
+            pool.shutdown(cancel_futures=True)  # on an error, don't finish the remaining work first

@@ -67,8 +67,11 @@ def _header_size(path: str) -> tuple[int, int]:
 
 def _write_one(job: tuple[str, str, int, int, int, int]) -> None:
     src, pixels, offset, height, width, resize = job
-    arr = np.asarray(load_resized(src, resize)).transpose(2, 0, 1)
-    if arr.shape != (3, height, width):  # the header lied (e.g. EXIF-less rotation): never write garbage
+    try:
+        arr = np.asarray(load_resized(src, resize)).transpose(2, 0, 1)
+    except OSError as err:  # name the file: the worker's traceback alone does not
+        raise OSError(f"cannot cache {src}: {err}. Run prepare_data() to verify the images first.") from err
+    if arr.shape != (3, height, width):  # never expected; guards the layout against a decoder surprise
         raise RuntimeError(f"{src} resized to {arr.shape[1:]} but its header promised {(height, width)}")
     with open(pixels, "r+b") as f:
         f.seek(offset)

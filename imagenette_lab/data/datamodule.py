@@ -14,7 +14,7 @@ from torchvision.datasets.folder import pil_loader
 
 from imagenette_lab.data.cache import CachedCropDataset, ImageCache, build_cache, cache_dir
 from imagenette_lab.data.errors import CorruptImagesError
-from imagenette_lab.data.sources import DATASETS, VARIANTS, resolve_source
+from imagenette_lab.data.sources import DATASETS, VARIANTS, file_lock, resolve_source
 from imagenette_lab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -162,9 +162,17 @@ class ImagenetteDataModule(L.LightningDataModule):
         self.mirror = mirror
         self.augment = BatchAugment(self.transform_spec)
         self._generators: dict[torch.device, torch.Generator] = {}
+        # filled by setup()
         self.verified: VerifiedDataset | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.train_files: list[Path] = []
+        self.val_files: list[Path] = []
+        self.train_labels = torch.empty(
+            0, dtype=torch.int64
+        )  # labels used for training (label_noise applied)
+        self.train_clean_labels = torch.empty(0, dtype=torch.int64)  # the clean labels of the same files
+        self.val_labels = torch.empty(0, dtype=torch.int64)  # always clean
 
     # ------------------------------------------------------------------------------- properties
     @property
@@ -224,13 +232,18 @@ class ImagenetteDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Fetch, extract, verify every image and (``pipeline=cached``) build the resize cache."""
-        verified = self._verify(self._resolve(prepare=True))
-        if self.pipeline == "cached":
-            self._caches(verified)
+        with file_lock(self.data_dir / ".prepare.lock"):
+            verified = self._verify(self._resolve(prepare=True))
+            if self.pipeline == "cached":
+                self._caches(verified)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the train/val datasets (labels from the CSV, ``label_noise`` for training)."""
-        self.verified = verified = self._verify(self._resolve(prepare=False))
+        if self.verified is not None:
+            return  # Lightning calls setup once per stage (fit, validate, test); the data is the same
+        with file_lock(self.data_dir / ".prepare.lock"):
+            verified = self._verify(self._resolve(prepare=False))
+            caches = self._caches(verified) if self.pipeline == "cached" else {}  # built by prepare_data
         train_rows, val_rows = self._usable(verified, "train"), self._usable(verified, "val")
         index = {w: i for i, w in enumerate(self.spec.wnids)}
         self.train_files = [verified.root / r.path for r in train_rows]
@@ -247,7 +260,6 @@ class ImagenetteDataModule(L.LightningDataModule):
                 self.val_files, self.val_labels.tolist(), reference_transform(spec, False)
             )
         else:
-            caches = self._caches(verified)  # reuses what prepare_data built
             crops = torch.Generator().manual_seed(self.seed + 2)
             self.train_set = CachedCropDataset(
                 caches["train"], self.train_labels, spec.crop, random_crop=True, generator=crops
@@ -257,6 +269,7 @@ class ImagenetteDataModule(L.LightningDataModule):
             )
         # one generator for the whole run: each epoch gets a new, reproducible permutation
         self._shuffle_generator = torch.Generator().manual_seed(self.seed)
+        self.verified = verified
         log.info(
             "%s: %d train / %d val images, label_noise=%d%% (%d training labels differ from the clean ones)",
             verified.root.name,

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
@@ -199,7 +200,8 @@ def download_archive(url: str, dest: Path, expected: tuple[ArchiveCheck, ...] = 
         with os.fdopen(fd, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=60) as response:  # timeout in seconds
-                    total = response.length
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length else None
                     received = 0
                     with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                         while chunk := response.read(CHUNK_BYTES):
@@ -217,6 +219,7 @@ def download_archive(url: str, dest: Path, expected: tuple[ArchiveCheck, ...] = 
                     f"local copy with data.archive=PATH."
                 )
         check_archive(tmp, expected, subject=f"the file downloaded from {url}", name=dest.name)
+        tmp.chmod(0o644)  # mkstemp makes it owner-only; a finished download is an ordinary file
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -259,7 +262,7 @@ def unsafe_members(members: list[tarfile.TarInfo], dest: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _open_tar(archive: Path) -> Iterator[tuple[tarfile.TarFile, object]]:
+def _open_tar(archive: Path) -> Iterator[tuple[tarfile.TarFile, BinaryIO]]:
     with open(archive, "rb") as raw:
         try:
             # not a with-statement: opening is the step that fails on a non-archive; closed below
@@ -298,7 +301,8 @@ def extract_archive(archive: Path, dest_parent: Path) -> Path:
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
             raise _truncated(archive, err) from err
 
-        bad = unsafe_members(members, dest_parent / "_check")
+        # checked against a stand-in for the (not yet created) extraction folder inside dest_parent
+        bad = unsafe_members(members, dest_parent / ".extract-target")
         if bad:
             raise UnsafeArchiveError(
                 f"{archive} has {len(bad)} member(s) that would land outside the extraction folder; "
@@ -329,6 +333,27 @@ def extract_archive(archive: Path, dest_parent: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- resolve
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (POSIX ``flock``; a no-op where that does not exist).
+
+    Parallel sweep jobs share ``data_dir``: the first one extracts, verifies and caches while the
+    others wait, then find everything ready instead of deleting each other's half-written folders.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; single jobs are still safe
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _stat_key(path: Path) -> dict[str, object]:
     st = path.stat()
     return {"archive": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -127,8 +127,10 @@ class BatchAugment(nn.Module):
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 -> float32 in [0, 1] -> (x - mean) / std, like ToDtype(scale=True) + Normalize."""
+        if self.scale.device != images.device:
+            self.to(images.device)  # once per device, not one tiny copy per batch
         x = images.to(torch.float32)
-        return x.mul_(self.scale.to(x.device)).sub_(self.shift.to(x.device))
+        return x.mul_(self.scale).sub_(self.shift)
 
     def forward(
         self,

@@ -138,7 +138,7 @@ def check_layout(root: Path, spec: DatasetSpec, num_classes: int) -> list[Row]:
     if problems:
         hint = f" (these are {other} folders: set data={other})" if other else ""
         raise LayoutError(
-            f"{root} does not have the {spec.name} class folders{hint}; re-extract the official archive:"
+            f"{root} fails the {spec.name} class-folder check{hint}; re-extract the official archive:"
             + _listing(problems)
         )
 
@@ -172,7 +172,7 @@ def check_layout(root: Path, spec: DatasetSpec, num_classes: int) -> list[Row]:
 def probe_image(path: str) -> str | None:
     """Decode ``path`` completely; return the decoder's complaint, or None when the image is fine."""
     # Pillow decodes truncated files silently when another library set this flag; force strictness.
-    strict, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as im:
             im.load()
@@ -181,7 +181,7 @@ def probe_image(path: str) -> str | None:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"{type(err).__name__}: {err}"
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = strict
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
     return None
 
 

@@ -43,7 +43,8 @@ def build_resnet(
     model = timm.create_model(variant, pretrained=False, num_classes=num_classes, **kwargs)
     blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
     for block in blocks:
-        # timm's DropBlock slot: right after the block's 3x3 conv + BN, before its activation
+        # timm's DropBlock slot: after the bottleneck's 3x3 conv + BN (a basic block's first 3x3),
+        # before its activation
         block.drop_block = dropout(block_drop_rate)
         if norm == "none":
             last_conv = block.conv2 if isinstance(block, BasicBlock) else block.conv3

@@ -15,7 +15,17 @@ Function API::
 
 from .build import ExperimentReport, build_report, build_reports, render, summary_of
 from .experiments import EXPERIMENTS, ExperimentSpec, Published, spec_for
-from .runs import Arm, Run, expected_jobs, group_runs, load_run, load_runs, make_arms, swept_keys
+from .runs import (
+    Arm,
+    Run,
+    expand_sweep,
+    expected_jobs,
+    group_runs,
+    load_run,
+    load_runs,
+    make_arms,
+    swept_keys,
+)
 from .stats import Comparison, Summary, summarize, welch
 from .tables import Table
 from .wandb_source import load_wandb_runs, run_from_wandb
@@ -32,6 +42,7 @@ __all__ = [
     "Table",
     "build_report",
     "build_reports",
+    "expand_sweep",
     "expected_jobs",
     "group_runs",
     "load_run",

@@ -112,8 +112,12 @@ def time_to(run: Run, threshold: float) -> tuple[float, float] | None:
 
 
 def thresholds_of(runs: Sequence[Run]) -> list[float]:
-    found = {float(k) for r in runs for k in (r.metrics.get("time_to_acc") or {})}
-    return sorted(found or DEFAULT_THRESHOLDS)
+    """The recorded time-to-accuracy thresholds worth showing: those some run reached, the next one up, and
+    0.80 (the report's)."""
+    found = sorted({float(k) for r in runs for k in (r.metrics.get("time_to_acc") or {})} or DEFAULT_THRESHOLDS)
+    reached = [t for t in found if any(time_to(r, t) for r in runs)]
+    unreached = [t for t in found if t not in reached]
+    return sorted({*reached, *unreached[:1], *(t for t in found if abs(t - 0.80) < 1e-9)})
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -151,12 +155,12 @@ def main_table(arms: Sequence[Arm], spec: ExperimentSpec, comps: Sequence[Compar
         row: list[str] = [arm.label, _n_cell(arm), summarize(_acc(done)).fmt(100)]
         row += [pub.fmt() if pub else "—"] if has_pub else []
         row += [by_label[arm.label].short() if arm.label in by_label else "(reference)"] if show_delta else []
-        epochs = summarize([float(r.metrics.get("epochs_completed") or math.nan) for r in done])
+        epochs = sorted({int(r.metrics.get("epochs_completed") or 0) for r in done})
         params = summarize([float(r.metrics.get("params") or math.nan) for r in done])
         row += [
             summarize([r.final("val/loss") for r in done]).fmt(1, 3),
             summarize([_last(r, "train/acc") for r in done]).fmt(100),
-            epochs.fmt(1, 0) if epochs.n else "—",
+            "–".join(str(e) for e in (epochs[0], epochs[-1])[: 1 if len(epochs) == 1 else 2]) if epochs else "—",
             summarize([_mean_epoch_s(r) for r in done]).fmt(1, 1),
             f"{params.mean / 1e6:.2f}" if params.n else "—",
         ]

@@ -58,7 +58,7 @@ TABLE1 = {
 }
 
 _QUICK_GENERIC = (
-    "64 px crops, 4 epochs: checks the wiring and shows large effects only. Absolute accuracies are far "
+    "32 px crops, 4 epochs: checks the wiring and shows large effects only. Absolute accuracies are far "
     "below the report's 224 px / 30-epoch numbers and differences of a few points are not resolved."
 )
 
@@ -77,7 +77,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             reference=({"model": ("googlenet",)},),
             order=("googlenet", "mobilenetv2", "resnet34", "resnet50", "resnet50d", "hybrid"),
             figures=("bars", "curves"),
-            quick=_QUICK_GENERIC + " Deep ResNets are handicapped most by 64 px inputs (2x2 final feature maps).",
+            quick=_QUICK_GENERIC + " Every network sees 32 px inputs (1x1 final feature maps), which handicaps them unequally.",
         ),
         ExperimentSpec(
             name="table1",
@@ -138,8 +138,8 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             figures=("curves_time", "curves"),
             extras=("time_to_acc",),
             quick=(
-                "4 epochs at 64 px do not reach 80 %, so the quick form compares the time to lower accuracies "
-                "(50-70 %); it says which activation learns faster early, at a smaller input size than the report's."
+                "4 epochs at 32 px do not reach 80 %, so the quick form compares the time to lower accuracies "
+                "(30-70 %); it says which activation learns faster early, at a smaller input size than the report's."
             ),
         ),
         ExperimentSpec(
@@ -149,20 +149,20 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             claim="BlurPool decreased the model's accuracy.",
             reference=({"model.blurpool": ("false", "False")},),
             order=("false", "False", "true", "True"),
-            quick=_QUICK_GENERIC + " At 64 px there is little high-frequency content left for BlurPool to act on.",
+            quick=_QUICK_GENERIC + " At 32 px there is little high-frequency content left for BlurPool to act on.",
         ),
         ExperimentSpec(
             name="resize",
             title="Input resize (crop scaled with it)",
             section="Section III (Resize)",
             claim="Resize 280 performed best amongst sizes between 150 and 450.",
-            reference=({"data.resize": ("280",)}, {"data.resize": ("80",)}),
+            reference=({"data.resize": ("280",)}, {"data.resize": ("40",)}),
             sweep_x="data.resize",
             sweep_x_label="resize, shorter side (px); crop = 0.8 × resize",
-            report_choice=(280, 80),
+            report_choice=(280, 40),
             figures=("sweep", "curves"),
             quick=(
-                "Sizes scaled by 2/7 (40-128 px, 80 px standing in for 280): shows whether accuracy keeps rising "
+                "Sizes divided by 7 (21-64 px, 40 px standing in for 280): shows whether accuracy keeps rising "
                 "with resolution at small sizes; it cannot locate the report's optimum at 224 px crops."
             ),
         ),

@@ -170,7 +170,7 @@ def per_class_figure(
 ) -> Figure:
     """Horizontal grouped bars: per-class validation accuracy of each arm (mean ± std over seeds), with the
     report's per-class numbers as markers of the same colour."""
-    height = max(4.0, 0.45 * len(classes) * max(1, len(arms)) + 1.2)
+    height = max(4.0, 0.28 * len(classes) * max(1, len(arms)) + 1.8)
     fig = Figure(figsize=(7.5, height), dpi=FIG_DPI, layout="constrained")
     ax = fig.subplots()
     fig.suptitle(title)
@@ -193,7 +193,7 @@ def per_class_figure(
     ax.set_xlabel("validation accuracy of the class (%)")
     ax.set_xlim(0, 100)
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(fontsize="small", loc="lower left")
+    fig.legend(fontsize="small", loc="outside lower center", ncols=2)  # outside: bars reach ~90 %
     return fig
 
 

@@ -179,23 +179,29 @@ def load_runs(*paths: str | Path) -> list[Run]:
 
 
 # ------------------------------------------------------------------------------------------ sweeps
-def expected_jobs(sweep_dir: Path) -> list[dict[str, str]]:
-    """The jobs (override dicts) a sweep's ``multirun.yaml`` asked for, expanded the way Hydra's basic
-    sweeper does: ``hydra.sweeper.params`` first, command-line overrides replacing the same keys, then the
-    cartesian product. Returns [] when the file cannot be resolved (a custom sweeper, a broken config)."""
-    try:
-        cfg = OmegaConf.load(sweep_dir / "multirun.yaml")
-        params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or {}, resolve=True) or {}
-        task = list(cfg.hydra.overrides.task)
-    except Exception:  # any resolution failure just means: no expectation to check against
-        return []
-    strings = [f"{k}={v}" for k, v in params.items()] + task
+def expand_sweep(params: dict[str, Any], task: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The jobs (override dicts) of a sweep, expanded as Hydra's basic sweeper does: ``params`` (the
+    ``hydra.sweeper.params``) first, command-line ``task`` overrides replacing the same keys, then the
+    cartesian product."""
+    strings = [f"{k}={v}" for k, v in params.items()] + list(task)
     by_key: dict[str, list[str]] = {}
     for ov in OverridesParser.create().parse_overrides(strings):
         key = ov.get_key_element()
         values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
         by_key[key] = [f"{key}={v}" for v in values]
     return [parse_overrides(combo) for combo in itertools.product(*by_key.values())]
+
+
+def expected_jobs(sweep_dir: Path) -> list[dict[str, str]]:
+    """The jobs a sweep's ``multirun.yaml`` asked for (see :func:`expand_sweep`); [] when the file cannot be
+    resolved (a custom sweeper, a broken config)."""
+    try:
+        cfg = OmegaConf.load(sweep_dir / "multirun.yaml")
+        params = OmegaConf.to_container(cfg.hydra.sweeper.get("params") or {}, resolve=True) or {}
+        task = list(cfg.hydra.overrides.task)
+    except Exception:  # any resolution failure just means: no expectation to check against
+        return []
+    return expand_sweep(params, task)
 
 
 def missing_jobs(sweep_dir: Path, runs: Sequence[Run]) -> list[Run]:
