@@ -68,7 +68,10 @@ def main(cfg: DictConfig) -> float | None:
                  and not (isinstance(c, ModelSummary) and not cfg.trainer.enable_model_summary)]
     resume_epoch = ckpt["epoch"] + 1 if resume else None  # epochs finished before the interruption
     loggers = [EpochCSVLogger(run_dir, resume_epoch=resume_epoch or 0), *P.make_loggers(cfg, run_dir)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in ("compile", "channels_last"):  # LightningModule settings kept in the trainer group
+        trainer_cfg.pop(key)
+    trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
     if resume:
         log.info("resuming from %s (%d epochs already done; status was %s)", resume, resume_epoch, status)
 

@@ -86,7 +86,8 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def resolve_runtime(cfg: DictConfig) -> None:
-    """Fill device-dependent defaults: bf16-mixed + cudnn benchmark on a GPU, 32-true on CPU."""
+    """Fill device-dependent defaults: bf16-mixed, cudnn benchmark, channels_last and fused optimizers on a
+    GPU; 32-true and plain kernels on CPU."""
     accel = cfg.trainer.accelerator
     on_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
     with open_dict(cfg):
@@ -94,6 +95,10 @@ def resolve_runtime(cfg: DictConfig) -> None:
             cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
         if cfg.trainer.benchmark is None:
             cfg.trainer.benchmark = on_gpu
+        if cfg.trainer.channels_last is None:
+            cfg.trainer.channels_last = on_gpu
+        if cfg.optim.get("fused", False) is None:
+            cfg.optim.fused = on_gpu  # one CUDA kernel for the whole update; not available on CPU
     if on_gpu:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
 

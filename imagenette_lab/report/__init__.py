@@ -13,7 +13,7 @@ Function API::
     render(["logs/multiruns"], "docs/results")         # every experiment and scale found
 """
 
-from .build import ExperimentReport, build_report, build_reports, render, summary_of
+from .build import ExperimentReport, build_report, build_reports, problems_table, render, summary_of
 from .experiments import EXPERIMENTS, ExperimentSpec, Published, spec_for
 from .runs import (
     Arm,
@@ -49,6 +49,7 @@ __all__ = [
     "load_runs",
     "load_wandb_runs",
     "make_arms",
+    "problems_table",
     "render",
     "run_from_wandb",
     "spec_for",

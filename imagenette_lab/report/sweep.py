@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown experiment {args.experiment!r}; choose one of {', '.join(experiments_available())}")
 
     overrides = [f"experiment={args.experiment}", f"scale={args.scale}", *args.overrides]
-    if args.seeds:
-        overrides.append(f"hydra.sweeper.params.seed={args.seeds}")
+    if args.seeds:  # a command-line sweep of a key replaces the experiment's hydra.sweeper.params entry
+        overrides.append(f"seed={args.seeds}")
     cmd = [sys.executable, str(PROJECT_ROOT / "run.py"), "-m", *overrides]
     folder = sweep_dir(overrides)
     started = dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,204 @@
+"""The report's experiments (issue 5): every ``conf/experiment/*.yaml`` composes at both scales into valid
+jobs, runs through ``run.py -m`` on the real mini archive, and its artefact renders from that tiny sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from imagenette_lab.pipeline import validate_config
+from imagenette_lab.report import EXPERIMENTS, expand_sweep, load_runs, make_arms, render
+from imagenette_lab.report.build import published_for
+from imagenette_lab.report.runs import natural_key
+from tests.test_train import REPO, run_cli
+
+EXPERIMENT_DIR = REPO / "conf" / "experiment"
+PRESETS = {"cpu_train"}  # conf/experiment files that are presets, not report reproductions
+# experiment -> number of arms (seeds apart) of its sweep at (full, quick) scale
+ARMS = {
+    "architectures": 6, "table1": 2, "dropout": 8, "lr_schedule": 2, "activation": 2, "blurpool": 2,
+    "resize": 8, "batch_size": 4, "optimizer": 2, "label_noise": 3,
+}
+
+
+def compose_job(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def sweep_jobs(name: str, scale: str) -> list[dict[str, str]]:
+    cfg = compose_job([f"experiment={name}", f"scale={scale}"])
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    return expand_sweep(params, [f"experiment={name}", f"scale={scale}"])
+
+
+def test_every_report_experiment_has_a_config_and_a_report_spec() -> None:
+    configs = {p.stem for p in EXPERIMENT_DIR.glob("*.yaml")} - PRESETS
+    assert configs == set(EXPERIMENTS), "conf/experiment/*.yaml and imagenette_lab.report.EXPERIMENTS differ"
+
+
+def test_experiments_name_their_sweep_folder() -> None:
+    """Sweeps land in logs/multiruns/<experiment>/<scale>. Needs ``_self_`` listed before ``experiment`` in
+    conf/config.yaml's defaults: otherwise the root's ``experiment_name: adhoc`` overrides the experiment's."""
+    for name in EXPERIMENTS:
+        cfg = compose_job([f"experiment={name}"])
+        assert cfg.experiment_name == name, (
+            f"experiment={name} composes experiment_name={cfg.experiment_name!r}: move `- _self_` above "
+            "`- experiment: null` in conf/config.yaml's defaults"
+        )
+
+
+@pytest.mark.parametrize("scale", ["full", "quick"])
+@pytest.mark.parametrize("name", sorted(ARMS))
+def test_every_arm_composes_into_a_valid_job(name: str, scale: str) -> None:
+    jobs = sweep_jobs(name, scale)
+    assert {j["seed"] for j in jobs} == {"1", "2", "3"}, "three seeds by default"
+    arms = {tuple((k, v) for k, v in sorted(j.items()) if k != "seed") for j in jobs}
+    assert len(arms) == ARMS[name] and len(jobs) == 3 * ARMS[name]
+    for arm in arms:
+        cfg = compose_job([f"{k}={v}" for k, v in arm] + ["seed=1"])
+        validate_config(cfg)
+        assert isinstance(cfg.data.crop, int) and 0 < cfg.data.crop <= cfg.data.resize, (arm, cfg.data.crop)
+        assert cfg.scale_name == scale
+        if name != "resize":  # the scale's own input size and length
+            want = (40, 32, 4) if scale == "quick" else (280, 224, 30)
+            assert (cfg.data.resize, cfg.data.crop, cfg.trainer.max_epochs) == want
+
+
+def _arm_values(name: str, scale: str, key: str) -> list[str]:
+    return sorted({j[key] for j in sweep_jobs(name, scale)}, key=natural_key)
+
+
+def test_sweeps_match_the_report() -> None:
+    assert set(_arm_values("architectures", "full", "model")) == {
+        "googlenet", "mobilenetv2", "resnet34", "resnet50", "resnet50d", "hybrid"
+    }
+    assert _arm_values("resize", "full", "data.resize") == ["150", "200", "250", "280", "300", "350", "400", "450"]
+    assert _arm_values("batch_size", "full", "data.batch_size") == ["32", "64", "96", "128"]
+    assert _arm_values("label_noise", "full", "data.label_noise") == ["0", "5", "50"]
+    # The crop is scaled with the resize: 0.8 x resize, the report's 224/280, at both scales.
+    for scale, base in (("full", 280), ("quick", 40)):
+        for value in _arm_values("resize", scale, "data.resize"):
+            cfg = compose_job(["experiment=resize", f"scale={scale}", f"data.resize={value}"])
+            assert cfg.data.crop == round(0.8 * int(value))
+        assert compose_job(["experiment=resize", f"scale={scale}", f"data.resize={base}"]).data.crop == round(0.8 * base)
+    # lr_schedule: ResNet50 at a constant 0.001 vs cosine; the quick form anneals over its whole run.
+    cfg = compose_job(["experiment=lr_schedule"])
+    assert cfg.model.name == "resnet50" and cfg.optim.lr == pytest.approx(0.001)
+    assert _arm_values("lr_schedule", "full", "sched") == ["constant", "cosine"]
+    assert _arm_values("lr_schedule", "quick", "sched") == ["constant", "cosine_full"]
+    cosine = compose_job(["experiment=lr_schedule", "sched=cosine"])
+    assert cosine.sched.scheduler.T_max == 10
+    # dropout: one probability for blocks and head, with and without BatchNorm.
+    cfg = compose_job(["experiment=dropout", "model.block_drop_rate=0.2", "model.norm=none"])
+    assert cfg.model.drop_rate == pytest.approx(0.2) and cfg.model.norm == "none" and cfg.model.name == "hybrid"
+    # activation: relu6 vs mish on the hybrid, time to low accuracies recorded for the quick scale.
+    assert [compose_job(["experiment=activation", f"act={a}"]).model.act for a in ("relu6", "mish")] == ["relu6", "mish"]
+    assert 0.8 in compose_job(["experiment=activation"]).module.acc_thresholds
+    assert compose_job(["experiment=optimizer", "optim=adam"]).optim.lr == pytest.approx(0.00024)
+
+
+def test_unlisted_resize_fails_with_a_fix() -> None:
+    cfg = compose_job(["experiment=resize", "data.resize=123"])
+    with pytest.raises(InstantiationException, match=r"data\.crop=.*add it to crop_of in conf/experiment/resize\.yaml"):
+        instantiate(cfg.data)
+
+
+# ------------------------------------------------------------------------------------------ real runs
+SMALL_HYBRID = {"model.width": "0.25", "model.rb_groups": "4"}
+# Per experiment: what the tiny test sweep changes, and how many arms that leaves. Wide sweeps are cut to a few arms (each arm composes
+# above); models that the experiment sweeps keep their real size (no width key on ResNets).
+TEST_SWEEP: dict[str, dict[str, str]] = {
+    "architectures": {"model": "googlenet,resnet50,hybrid"},
+    "table1": {},
+    "dropout": {**SMALL_HYBRID, "model.block_drop_rate": "0,0.5"},
+    "lr_schedule": {},
+    "activation": SMALL_HYBRID,
+    "blurpool": SMALL_HYBRID,
+    "resize": {**SMALL_HYBRID, "scale": "quick", "data.resize": "21,40"},  # crop from the experiment's table
+    "batch_size": {**SMALL_HYBRID, "data.batch_size": "8,16"},
+    "optimizer": SMALL_HYBRID,
+    "label_noise": {**SMALL_HYBRID, "data.label_noise": "0,50"},
+}
+TEST_ARMS = {"architectures": 3, "dropout": 4}  # others: 2
+TINY_RUN = {
+    "trainer": "cpu", "data.resize": "40", "data.crop": "32", "data.batch_size": "8", "data.num_workers": "0",
+    "data.persistent_workers": "false", "trainer.enable_progress_bar": "false",
+    "trainer.enable_model_summary": "false", "debug": "limit", "trainer.max_epochs": "1", "logger": "csv",
+    "seed": "1",
+    # no checkpoints: the full-size hybrid's would be ~0.5 GB per save
+    "~callbacks.model_checkpoint": None, "+trainer.enable_checkpointing": "false",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_sweeps(tmp_path_factory: pytest.TempPathFactory, mini_archive: Path) -> tuple[Path, Path, dict]:
+    """Every experiment run once (one seed, 1 short epoch) through ``run.py -m`` into one log folder, then
+    every artefact rendered with ``render``. Returns (log dir, results dir, {experiment: run.py output})."""
+    tmp = tmp_path_factory.mktemp("experiments")
+    outputs = {}
+    for name, extra in TEST_SWEEP.items():
+        over = {**TINY_RUN, **extra}
+        if name == "resize":
+            over.pop("data.crop")
+        args = ["-m", f"experiment={name}", f"data.archive={mini_archive}"]
+        args += [k if v is None else f"{k}={v}" for k, v in over.items()]
+        proc = run_cli(args, tmp, check=False)
+        outputs[name] = (proc.returncode, proc.stdout[-2000:] + proc.stderr[-4000:])
+    results = tmp / "results"
+    render([tmp / "logs" / "multiruns"], results)
+    return tmp / "logs", results, outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TEST_SWEEP))
+def test_experiment_runs_and_renders(name: str, tiny_sweeps: tuple[Path, Path, dict]) -> None:
+    logs, results, outputs = tiny_sweeps
+    rc, out = outputs[name]
+    assert rc == 0, f"run.py -m experiment={name} failed:\n{out}"
+    runs = [r for r in load_runs(logs / "multiruns") if r.experiment == name]
+    scale = "quick" if name == "resize" else "full"
+    n_arms = TEST_ARMS.get(name, 2)
+    assert len(runs) == n_arms and all(r.completed and r.scale == scale for r in runs), [
+        (r.source, r.status, r.error) for r in runs
+    ]
+    arms = make_arms(runs, EXPERIMENTS[name].order)
+    assert len(arms) == n_arms
+
+    page = (results / scale / f"{name}.md").read_text()
+    spec = EXPERIMENTS[name]
+    assert page.startswith(f"# {spec.title} — {scale} scale")
+    assert spec.claim in page
+    table = page.split("## Accuracy", 1)[1].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [row[0] for row in rows] == [a.label for a in arms]
+    for row, arm in zip(rows, arms, strict=True):
+        cell = dict(zip(header, row, strict=True))
+        assert cell["n"] == "1"
+        # one seed: the value itself (no ± std), equal to the run's metrics.json
+        assert float(cell["val acc (%)"]) == pytest.approx(100 * arm.completed[0].final("val/acc"), abs=0.051)
+        pub = published_for(arm, spec)
+        if pub is not None:  # the report's number beside ours
+            assert cell["report (%)"] == pub.fmt()
+    assert "needs at least 2 seeds per arm" in page  # one seed: reported, not tested
+    for kind in spec.figures:
+        png = results / scale / f"{name}_{kind}.png"
+        assert png.is_file() and png.stat().st_size > 10_000, png
+        assert f"]({name}_{kind}.png)" in page
+    if name == "table1":
+        assert "## Per-class accuracy (Table 1)" in page and "| tench |" in page and "| 93.5 |" in page
+    if name == "activation":
+        assert "## Time to accuracy" in page and "epochs to 80%" in page
+    if name == "batch_size":
+        assert "epoch of lowest val loss" in page
+    if name == "resize":  # quick-scale caveat and the two swept sizes with their own crops
+        assert "quick scale — what it can and cannot say" in page
+        assert sorted(r.config("data.crop") for r in runs) == [17, 32]
+    if name in ("table1", "architectures", "lr_schedule", "activation"):
+        assert "report (%)" in header
