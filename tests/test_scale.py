@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from imagenette_lab.callbacks import read_epochs_csv
-from tests.test_train import REPO, SMALL_HYBRID, TINY, run_cli, run_dirs
+from tests.test_train import CLI_ENV, REPO, SMALL_HYBRID, TINY, run_cli, run_dirs
 
 
 def _metrics(run: Path) -> dict:
@@ -98,8 +98,6 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, mini_archive:
     """Incompatible flags and an unwritable output folder stop the run before any data is touched."""
     cases = {
         "width on resnet50": (["model=resnet50", "+model.width=0.5"], "'width' is not supported by 'resnet50'"),
-        "unknown option": (["optim=adamm"], "Could not find 'optim/adamm'"),
-        "misspelt key": (["data.batchsize=8"], "batchsize"),
         "bad label noise": (["data.label_noise=7"], "data.label_noise=7"),
     }
     for name, (args, message) in cases.items():
@@ -111,7 +109,7 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, mini_archive:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), f"paths.log_dir={blocker / 'logs'}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          env=CLI_ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"output folder paths.log_dir={blocker / 'logs'} is not writable" in proc.stderr
     assert blocker.read_text() == "not a folder"

@@ -35,16 +35,23 @@ TINY = [
 SMALL_HYBRID = ["model=hybrid", "model.width=0.25", "model.rb_groups=4"]
 
 
-def run_cli(args: list[str], tmp: Path, *, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    """``python run.py`` with outputs, data cache and W&B kept under ``tmp``."""
-    flags = [a for a in args if a.startswith("-")]  # argparse wants -m before the overrides
-    overrides = [a for a in args if not a.startswith("-")]
-    cmd = [sys.executable, str(REPO / "run.py"), *flags, f"paths.log_dir={tmp / 'logs'}",
-           f"paths.data_dir={tmp / 'data'}", *overrides]
-    # One intra-op thread: on 2 cores and 32 px batches a second thread only adds contention.
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+# One intra-op thread: on 2 cores and 32 px batches a second thread only adds contention.
+CLI_ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
            "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, **popen)
+
+
+def cli_command(args: list[str], tmp: Path) -> list[str]:
+    """``python run.py`` with outputs and data cache under ``tmp`` (``-m`` first, as argparse wants)."""
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    return [sys.executable, str(REPO / "run.py"), *flags, f"paths.log_dir={tmp / 'logs'}",
+            f"paths.data_dir={tmp / 'data'}", *overrides]
+
+
+def run_cli(args: list[str], tmp: Path, *, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    """Run ``run.py`` to the end; fail the test with its output unless ``check=False``."""
+    proc = subprocess.run(cli_command(args, tmp), cwd=REPO, env=CLI_ENV, capture_output=True, text=True,
+                          timeout=900, **popen)
     if check and proc.returncode != 0:
         raise AssertionError(f"run.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -147,9 +154,9 @@ def test_sigterm_then_resume_gives_planned_epochs(tmp_path: Path, mini_archive: 
     """A real SIGTERM during epoch 2 leaves status 'interrupted'; the same command resumes to the end."""
     args = [*TINY, *SMALL_HYBRID, f"data.archive={mini_archive}", "trainer.max_epochs=3", "logger=csv",
             "trainer.num_sanity_val_steps=0", "data.resize=64", "data.crop=56"]
-    cmd = [sys.executable, str(REPO / "run.py"), f"paths.log_dir={tmp_path / 'logs'}",
-           f"paths.data_dir={tmp_path / 'data'}", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "run.out"  # a file, not a pipe: nobody reads while we poll, so a pipe could fill up
+    proc = subprocess.Popen(cli_command(args, tmp_path), cwd=REPO, env=CLI_ENV, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     epochs_csv = None
     while time.time() < deadline and proc.poll() is None:
@@ -158,9 +165,10 @@ def test_sigterm_then_resume_gives_planned_epochs(tmp_path: Path, mini_archive: 
             epochs_csv = found[0]
             break
         time.sleep(0.05)
-    assert epochs_csv is not None, proc.communicate()[0][-3000:]
+    assert epochs_csv is not None, log.read_text()[-3000:]
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
+    proc.wait(timeout=120)
+    out = log.read_text()
     run = epochs_csv.parent
     status = json.loads((run / "metrics.json").read_text())
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
@@ -242,3 +250,17 @@ def test_config_tree_groups() -> None:
     for name in ("sgd", "adamw"):
         assert compose_cfg([f"optim={name}"]).optim._target_.startswith("torch.optim.")
     OmegaConf.resolve(compose_cfg(["sched=onecycle"]).sched)
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path: Path, mini_archive: Path) -> None:
+    """``seed`` + ``trainer.deterministic`` make a run repeatable: same seed, same losses to the last bit."""
+    common = [*TINY, *SMALL_HYBRID, f"data.archive={mini_archive}", "debug=limit", "trainer.max_epochs=1",
+              "logger=none", "trainer.deterministic=true"]
+    losses = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        run_cli([*common, f"seed={seed}", f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        (row,) = read_epochs_csv(tmp_path / name / "epochs.csv")
+        losses[name] = (row["train/loss"], row["val/loss"])
+    assert losses["a"] == losses["b"]
+    assert losses["a"] != losses["c"]

@@ -381,8 +381,9 @@ def render_markdown(report: ExperimentReport, runs: Sequence[Run]) -> str:
     if report.comparisons:
         out += ["**Significance** (Welch's t-test over seeds; the report drew its conclusions from single runs):", ""]
         out += [f"- {c.sentence()}" for c in report.comparisons]
-        if len(report.comparisons) > 1:
-            out += [f"- {len(report.comparisons)} tests against the reference, p-values not corrected for multiplicity."]
+        tested = sum(c.testable for c in report.comparisons)
+        if tested > 1:
+            out += [f"- {tested} tests against the reference; p-values are not corrected for multiplicity."]
         out += [""]
     titles = {"per_class": "Per-class accuracy (Table 1)", "time_to_acc": "Time to accuracy",
               "overfit": "Overfitting and speed"}

@@ -92,6 +92,7 @@ def time_curves_figure(arms: Sequence[Arm], title: str, thresholds: Sequence[flo
         ax.axhline(t * 100, ls="--", lw=0.8, color="grey")
         ax.annotate(f"{t:.0%}", (0, t * 100), xycoords=("axes fraction", "data"), fontsize="small", color="grey",
                     va="bottom")
+    ax.set_xlim(left=0)
     ax.set_xlabel("training time (s, cumulative, validation excluded)")
     ax.set_ylabel(ACC_PANEL[1])
     ax.grid(alpha=0.3)
@@ -131,6 +132,7 @@ def sweep_figure(
         ax.errorbar(pts_x, means, yerr=stds, marker="o", capsize=4, color="C0", label="mean ± std over seeds")
         if choice is not None:
             ax.axvline(choice, ls="--", color="C3", label=f"report's choice ({choice:g})")
+        ax.set_xticks(sorted(x for x in pts_x if not math.isnan(x)))  # the swept values themselves
         ax.set_xlabel(x_label)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -145,6 +147,7 @@ def bars_figure(arms: Sequence[Arm], title: str, published: dict[str, float] | N
     fig.suptitle(title)
     labels = [arm.label for arm in arms]
     pos = np.arange(len(arms))
+    ticks = [label.replace(", ", "\n") for label in labels]  # multi-key arms: one key per line
     for i, arm in enumerate(arms):
         vals = [r.final("val/acc") * 100 for r in arm.completed]
         s = summarize(vals)
@@ -157,7 +160,8 @@ def bars_figure(arms: Sequence[Arm], title: str, published: dict[str, float] | N
             ax.scatter(i, published[label] * 100, marker="D", s=40, color="C3", zorder=4,
                        label=None if marked else "report")
             marked = True
-    ax.set_xticks(pos, labels, rotation=20 if len(arms) > 4 else 0, ha="right" if len(arms) > 4 else "center")
+    ax.set_xticks(pos, ticks, rotation=20 if len(arms) > 6 else 0, ha="right" if len(arms) > 6 else "center",
+                  fontsize="small")
     ax.set_ylabel(ACC_PANEL[1])
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3, axis="y")

@@ -36,8 +36,9 @@ CONTEXT_KEYS = ("experiment", "scale")
 
 
 def override_key(override: str) -> str:
-    """``+model.width=0.5`` -> ``model.width`` (Hydra's add/delete prefixes dropped)."""
-    return override.split("=", 1)[0].lstrip("+~")
+    """``+model.width=0.5`` -> ``model.width``: Hydra's add prefix dropped (``~``, delete, is kept: a deleted
+    key is not a value of that key)."""
+    return override.split("=", 1)[0].lstrip("+")
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:

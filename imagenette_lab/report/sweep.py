@@ -72,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results"), help="where artefacts are rendered")
     ap.add_argument("--no-render", action="store_true", help="only run the sweep")
     ap.add_argument("--make", default="", help="the make command line that started this (recorded)")
-    ap.add_argument("overrides", nargs="*", help="extra run.py overrides, e.g. data.archive=... trainer=cpu")
-    args = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", help="extra run.py overrides (also after --), e.g. trainer=cpu")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []  # everything after -- goes to run.py
+    args = ap.parse_args(argv[: len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    args.overrides += extra
     if args.experiment not in experiments_available():
         ap.error(f"unknown experiment {args.experiment!r}; choose one of {', '.join(experiments_available())}")
 

@@ -1,0 +1,666 @@
+"""``make bench``: data loader, training step and end-to-end throughput, side by side, on one machine.
+
+Three measurements (issue 6), each printed as a table with its target and PASS/FAIL, and written to the
+device's section of ``BENCHMARKS.md`` (a CPU run replaces the CPU section, a CUDA run the GPU one):
+
+1. **Loader**: training batches per second of the torchvision PIL reference (``data.pipeline=pil``)
+   against the resize cache (``cached``), each in its own process (peak RSS measured there).
+2. **Training step**: forward + cross-entropy + backward + Adam on synthetic batches already on the
+   device, our ``create_model`` network against the library constructor of the same architecture
+   (timm / torchvision), interleaved step by step so both see the same machine load.
+3. **End to end**: the same step fed by the real ``ImagenetteDataModule`` loader (+ its device-side
+   augmentation) against the model alone on a batch already in memory: the data path's tax.
+
+Arguments are Hydra-style ``key=value`` (OmegaConf dotlist): ``data.*`` are the keys of
+``conf/data/imagenette.yaml`` (``make bench`` passes ``data.archive=...``), ``bench.*`` are the knobs in
+``BENCH_DEFAULTS`` below, e.g. ``python benchmarks/bench.py bench.device=cpu bench.models=[resnet50]``.
+On CUDA it uses bf16 autocast, channels_last, ``torch.compile``, cudnn.benchmark and fused Adam, and
+times with CUDA events / synchronize, warm-up steps excluded.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import lightning
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from imagenette_lab.data import ImagenetteDataModule
+from imagenette_lab.models import MODEL_NAMES, count_params, create_model
+
+REPO = Path(__file__).resolve().parents[1]
+ADAM_LR = 0.00024  # learning rate per step (the report's Adam); irrelevant to speed but kept realistic
+ADAM_WD = 0.00001  # L2 weight decay coefficient (the report's)
+NUM_CLASSES = 10  # ImageNette classes
+MIB = 2**20  # bytes per MiB
+
+# Every knob; ``null`` = chosen by device in ``resolve_auto`` (CPU value / CUDA value in the comment).
+BENCH_DEFAULTS: dict[str, Any] = {
+    "device": "auto",  # auto | cpu | cuda
+    "quick": False,  # tiny smoke run (tests): QUICK below replaces the defaults it names
+    "parts": ["loader", "step", "e2e"],  # which measurements to run
+    "models": ["googlenet", "mobilenetv2", "resnet34", "resnet50", "resnet50d", "hybrid"],
+    "sizes": [224, 128],  # px, side of the square synthetic inputs of the step benchmark
+    "batch_size": None,  # images per step of the step and e2e benchmarks; 8 / 256
+    "precision": None,  # fp32 | bf16 (autocast); fp32 / bf16
+    "channels_last": None,  # NHWC model and inputs; off / on
+    "compile": None,  # torch.compile the model (compilation happens in the warm-up steps); off / on
+    "cudnn_benchmark": True,  # cudnn autotuner (CUDA only)
+    "warmup": None,  # untimed steps per model before timing (allocator, autotune, compile); 1 / 10
+    "steps": None,  # minimum timed steps per model and size (each of ours / library); 2 / 20
+    "step_seconds": None,  # s, keep alternating ours/library past `steps` until this long; 10 / 3
+    "max_steps": 50,  # cap on timed steps per model and size
+    "e2e_models": None,  # models of the end-to-end benchmark; [mobilenetv2, resnet50] / +hybrid
+    "e2e_steps": None,  # timed steps per block; null on CUDA = one epoch of the loader; 2 on CPU
+    "e2e_rounds": None,  # alternating (model-only, end-to-end) block pairs; 2 / 1
+    "pil_workers": [0, 2],  # DataLoader worker processes of the pil reference (one run each)
+    "loader_threads": 1,  # torch threads in each loader process (2 cripples the pil main process)
+    "loader_warmup": 3,  # batches, untimed, per loader (opening files, starting workers)
+    "loader_seconds": 5.0,  # s, timed window per loader
+    "output": "BENCHMARKS.md",  # markdown to update (relative to the repo root); null = print only
+    "json": None,  # optional path for the raw results as JSON
+    "strict": False,  # exit with status 1 when a target FAILs
+    "targets": {
+        "loader_speedup": 20.0,  # x, cached vs pil images/s at equal worker processes
+        "step_ratio": 0.95,  # x, ours vs the library constructor images/s
+        "e2e_ratio": 0.9,  # x, end-to-end vs model-only images/s
+        "gpu_resnet50_e2e": 3000.0,  # images/s, ResNet-50 at 224 px end to end on CUDA
+    },
+}
+CPU_AUTO = dict(batch_size=8, precision="fp32", channels_last=False, compile=False, warmup=1, steps=2,
+                step_seconds=10.0, e2e_models=["mobilenetv2", "resnet50"], e2e_steps=2, e2e_rounds=2)
+CUDA_AUTO = dict(batch_size=256, precision="bf16", channels_last=True, compile=True, warmup=10, steps=20,
+                 step_seconds=3.0, e2e_models=["resnet50", "mobilenetv2", "hybrid"], e2e_steps=None,
+                 e2e_rounds=1)
+# bench.quick=true: a smoke run in seconds (the tests), numbers meaningless as benchmarks
+QUICK: dict[str, Any] = dict(models=["mobilenetv2"], sizes=[32], batch_size=4, warmup=1, steps=2,
+                             step_seconds=0.0, e2e_models=["mobilenetv2"], e2e_steps=2, e2e_rounds=1,
+                             pil_workers=[0], loader_warmup=1, loader_seconds=1.0, output=None)
+PARTS = ("loader", "step", "e2e")
+PRECISIONS = ("fp32", "bf16")
+
+# The library constructor of each architecture, for parity (the hybrid is ours alone: no library has it).
+LIBRARY: dict[str, tuple[str, Callable[[], nn.Module]]] = {
+    "googlenet": (
+        "torchvision googlenet",
+        lambda: torchvision.models.googlenet(
+            weights=None, num_classes=NUM_CLASSES, aux_logits=False, init_weights=True
+        ),
+    ),
+    "mobilenetv2": ("timm mobilenetv2_100", lambda: timm.create_model("mobilenetv2_100", num_classes=NUM_CLASSES)),
+    "resnet34": ("timm resnet34", lambda: timm.create_model("resnet34", num_classes=NUM_CLASSES)),
+    "resnet50": ("timm resnet50", lambda: timm.create_model("resnet50", num_classes=NUM_CLASSES)),
+    "resnet50d": ("timm resnet50d", lambda: timm.create_model("resnet50d", num_classes=NUM_CLASSES)),
+}
+
+
+class BenchConfigError(ValueError):
+    """A bench/data argument is invalid; the message names it and says how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------- config
+def load_config(argv: Sequence[str]) -> DictConfig:
+    """Defaults <- (bench.quick preset) <- ``key=value`` arguments, validated; ``auto`` values unresolved."""
+    bad = [a for a in argv if "=" not in a or a.startswith("-")]
+    if bad:
+        raise BenchConfigError(f"arguments must be key=value (e.g. bench.device=cpu), got {bad}")
+    try:
+        cli = OmegaConf.from_dotlist(list(argv))
+    except Exception as err:  # omegaconf's grammar errors name the token but not the fix
+        raise BenchConfigError(f"cannot parse {list(argv)}: {err}") from err
+    data = OmegaConf.load(REPO / "conf" / "data" / "imagenette.yaml")
+    data.pop("_target_")
+    base = OmegaConf.create(
+        {"seed": 0, "paths": {"data_dir": str(REPO / "data")}, "data": data, "bench": BENCH_DEFAULTS}
+    )
+    OmegaConf.set_struct(base, True)  # a misspelt key fails instead of being ignored
+    quick = OmegaConf.select(cli, "bench.quick", default=False)
+    layers = [base, OmegaConf.create({"bench": QUICK})] if quick is True else [base]
+    try:
+        cfg = OmegaConf.merge(*layers, cli)
+    except Exception as err:
+        raise BenchConfigError(
+            f"{err}\nValid bench keys: {sorted(BENCH_DEFAULTS)}; data keys: those of conf/data/imagenette.yaml"
+        ) from err
+    _validate(cfg.bench)
+    return cfg
+
+
+def _validate(b: DictConfig) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise BenchConfigError(f"bench.{key}={OmegaConf.select(b, key)!r} {what}")
+
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    need(b.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+    need(b.device != "cuda" or torch.cuda.is_available(), "device", "but no CUDA device is visible; use cpu")
+    need(isinstance(b.quick, bool), "quick", "must be true or false")
+    need(set(b.parts) <= set(PARTS) and len(b.parts) > 0, "parts", f"must be a non-empty subset of {PARTS}")
+    for key in ("models", "e2e_models"):
+        names = b[key]
+        need(names is None or set(names) <= set(MODEL_NAMES), key, f"must list models from {MODEL_NAMES}")
+    need(len(b.sizes) > 0 and all(positive_int(s) and s >= 32 for s in b.sizes), "sizes",
+         "must be a list of image sides in px, each >= 32 (the networks downsample 32x)")
+    for key in ("batch_size", "warmup", "steps", "e2e_steps", "e2e_rounds"):
+        need(b[key] is None or positive_int(b[key]) or (key == "warmup" and b[key] == 0), key,
+             "must be a positive integer (or null = by device)")
+    need(positive_int(b.max_steps), "max_steps", "must be a positive integer")
+    need(b.precision is None or b.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+    need(all(isinstance(w, int) and w >= 0 for w in b.pil_workers), "pil_workers",
+         "must be a list of worker counts >= 0")
+    need(positive_int(b.loader_threads), "loader_threads", "must be a positive integer")
+    need(positive_int(b.loader_warmup) or b.loader_warmup == 0, "loader_warmup", "must be an integer >= 0")
+    need(float(b.loader_seconds) > 0, "loader_seconds", "must be > 0 (seconds)")
+
+
+def resolve_auto(b: DictConfig) -> torch.device:
+    """Pick the device and fill every ``null`` knob with its per-device default (in place)."""
+    device = torch.device("cuda" if b.device == "cuda" or (b.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    for key, value in (CUDA_AUTO if device.type == "cuda" else CPU_AUTO).items():
+        if b[key] is None and not (key == "e2e_steps" and device.type == "cuda"):
+            b[key] = value
+    return device
+
+
+# ------------------------------------------------------------------------------------------ machine
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Date, host CPU/GPU, library versions, load average and git commit: the context of the numbers."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": None,
+        "python": platform.python_version(),
+        "versions": {m.__name__: m.__version__ for m in (torch, torchvision, timm, lightning)},
+        "load_avg_start": os.getloadavg(),
+        "command": " ".join(["python", *sys.argv]),
+        "git": None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        info["git"] = head + (" (uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a checkout (e.g. a copied tree): the record just has no commit
+    return info
+
+
+# ------------------------------------------------------------------------------------------- loader
+def _drain(dm: ImagenetteDataModule, warmup: int, seconds: float, augment: bool) -> tuple[float, int]:
+    """Training batches/s over a ``seconds`` window after ``warmup`` batches, across epochs if needed."""
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:  # a fresh iterator per epoch, as a Trainer makes
+            yield from dm.train_dataloader()
+
+    stream = batches()
+    for _ in range(warmup):
+        next(stream)
+    images, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        batch = next(stream)
+        if augment:  # the cached pipeline's flip/normalize/erase, here on the CPU
+            batch = dm.gpu_transform(batch, train=True)
+        images += batch[0].shape[0]
+    stream.close()
+    return images / elapsed, images
+
+
+def _peak_rss_mib(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss * 1024 / MIB  # ru_maxrss is in KiB on Linux
+
+
+def measure_loader(data: dict[str, Any], pipeline: str, workers: int, threads: int, warmup: int,
+                   seconds: float) -> dict[str, Any]:
+    """Run in a fresh process: one pipeline's training-batch rate and that process's peak RSS."""
+    torch.set_num_threads(threads)
+    dm = ImagenetteDataModule(**{**data, "pipeline": pipeline, "num_workers": workers})
+    dm.setup("fit")
+    rate, images = _drain(dm, warmup, seconds, augment=False)
+    out = {"pipeline": pipeline, "workers": workers if pipeline == "pil" else 0, "threads": threads,
+           "images_per_s": rate, "images": images}
+    if pipeline == "cached":
+        out["augmented_images_per_s"], _ = _drain(dm, warmup, seconds, augment=True)
+    del dm
+    gc.collect()  # shuts persistent workers down, so their peak RSS is counted under RUSAGE_CHILDREN
+    out["rss_main_mib"] = _peak_rss_mib(resource.RUSAGE_SELF)
+    out["rss_worker_mib"] = _peak_rss_mib(resource.RUSAGE_CHILDREN) if out["workers"] else None
+    return out
+
+
+def bench_loaders(cfg: DictConfig) -> list[dict[str, Any]]:
+    """pil at each of ``pil_workers`` worker counts and cached in-process, each in a fresh process."""
+    b = cfg.bench
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for pipeline in ("pil", "cached"):  # fetch/verify/build the cache here, outside the timed processes
+        ImagenetteDataModule(**{**data, "pipeline": pipeline}).prepare_data()
+    # Fresh processes from a fork server that has only imported the libraries: every loader starts from
+    # the same baseline memory, and the imports (seconds on 2 cores) are paid once, not per loader.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__"])  # the server imports this script (and so its libraries) once
+    runs = [("pil", w) for w in b.pil_workers] + [("cached", 0)]
+    results = []
+    for pipeline, workers in runs:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            job = pool.submit(measure_loader, data, pipeline, workers, b.loader_threads, b.loader_warmup,
+                              float(b.loader_seconds))
+            results.append(job.result())
+        print(f"  loader {pipeline} workers={workers}: {results[-1]['images_per_s']:.0f} images/s", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------ training step
+@dataclass(frozen=True)
+class StepSetup:
+    """How every training step runs: the same for ours, the library's and the end-to-end loop."""
+
+    device: torch.device
+    precision: str  # fp32 | bf16 (autocast)
+    channels_last: bool
+    compile: bool
+
+    def describe(self) -> str:
+        return (f"{'bf16 autocast' if self.precision == 'bf16' else 'fp32'}, channels_last "
+                f"{'on' if self.channels_last else 'off'}, torch.compile {'on' if self.compile else 'off'}, "
+                f"Adam{' (fused)' if self.device.type == 'cuda' else ' (foreach)'}")
+
+
+class TrainStep:
+    """forward (autocast) -> cross-entropy -> backward -> Adam step, for one model."""
+
+    def __init__(self, model: nn.Module, setup: StepSetup) -> None:
+        self.setup = setup
+        self.model = model.to(setup.device).train()
+        if setup.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if setup.compile else self.model
+        fused = True if setup.device.type == "cuda" else None  # one kernel for the whole update on a GPU
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=ADAM_LR, weight_decay=ADAM_WD,
+                                          fused=fused)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.setup.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.setup.device.type, dtype=torch.bfloat16, enabled=self.setup.precision == "bf16"):
+            loss = F.cross_entropy(self.forward(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Clock:
+    """Marks between steps: CUDA events (no host sync between steps) on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in pairwise(self.marks)]  # elapsed_time is in ms
+        return [b - a for a, b in pairwise(self.marks)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_step_times(steppers: Sequence[TrainStep], x: torch.Tensor, y: torch.Tensor,
+                           b: DictConfig) -> list[list[float]]:
+    """Per-step seconds of each stepper, run round-robin (A B A B ...) so load drifts hit all alike."""
+    for _ in range(b.warmup):
+        for step in steppers:
+            step(x, y)
+    clock, rounds = Clock(x.device), 0
+    synchronize(x.device)
+    start = time.perf_counter()
+    clock.mark()
+    while rounds < b.steps or (time.perf_counter() - start < b.step_seconds and rounds < b.max_steps):
+        for step in steppers:
+            step(x, y)
+            clock.mark()
+        rounds += 1
+    gaps = clock.intervals()
+    return [gaps[i :: len(steppers)] for i in range(len(steppers))]
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    torch._dynamo.reset()  # compiled graphs of the last models would count against the recompile limit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_steps(cfg: DictConfig, setup: StepSetup) -> list[dict[str, Any]]:
+    """images/s of our model and the library's, per model and input size, on synthetic batches."""
+    b, rows = cfg.bench, []
+    for name in b.models:
+        torch.manual_seed(cfg.seed)
+        ours = create_model(name, NUM_CLASSES)
+        params = count_params(ours)
+        library, build = LIBRARY.get(name, (None, None))
+        steppers = [TrainStep(ours, setup)] + ([TrainStep(build(), setup)] if build else [])
+        for size in b.sizes:
+            x = torch.randn(b.batch_size, 3, size, size, device=setup.device)
+            y = torch.randint(0, NUM_CLASSES, (b.batch_size,), device=setup.device)
+            times = interleaved_step_times(steppers, x, y, b)
+            rates = [b.batch_size / statistics.median(t) for t in times]
+            row = {"model": name, "size": size, "params_m": params / 1e6, "ours": rates[0], "library": library,
+                   "library_images_per_s": rates[1] if build else None,
+                   "ratio": rates[0] / rates[1] if build else None, "timed_steps": len(times[0])}
+            rows.append(row)
+            lib = f", {library} {rates[1]:.1f} -> {row['ratio']:.2f}x" if build else ""
+            print(f"  step {name} {size}px: ours {rates[0]:.1f} images/s{lib} ({len(times[0])} steps)", flush=True)
+        del steppers, ours
+        _free(setup.device)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- e2e
+def timed_block(device: torch.device, steps: int, run_step: Callable[[], None]) -> float:
+    """Wall seconds of ``steps`` calls, synchronized at both edges (the loader's time counts too)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run_step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+class LoaderFeed:
+    """Training batches of the real DataModule, endlessly (a new epoch's iterator when one ends), ready on
+    the device: moved there (non-blocking from pinned memory) and augmented there (cached pipeline)."""
+
+    def __init__(self, dm: ImagenetteDataModule, device: torch.device) -> None:
+        self.dm, self.device = dm, device
+        self.stream = self._batches()
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from self.dm.train_dataloader()
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = (t.to(self.device, non_blocking=True) for t in next(self.stream))
+        return self.dm.gpu_transform((x, y), train=True) if self.dm.pipeline == "cached" else (x, y)
+
+
+def e2e_rates(step: TrainStep, feed: LoaderFeed, steps: int, b: DictConfig) -> tuple[float, float]:
+    """(model-only, end-to-end) images/s of one model over ``b.e2e_rounds`` alternating block pairs."""
+    fixed = feed()  # model-only reuses this one real batch, already normalized on the device
+    for _ in range(b.warmup):  # through the loader: also warms the page cache and pinned buffers
+        step(*feed())
+    model_s = e2e_s = 0.0
+    for _ in range(b.e2e_rounds):
+        model_s += timed_block(feed.device, steps, lambda: step(*fixed))
+        e2e_s += timed_block(feed.device, steps, lambda: step(*feed()))
+    images = b.e2e_rounds * steps * b.batch_size
+    return images / model_s, images / e2e_s
+
+
+def bench_e2e(cfg: DictConfig, setup: StepSetup) -> list[dict[str, Any]]:
+    """Real loader + device augmentation + step vs the step alone on a batch already on the device."""
+    b, rows = cfg.bench, []
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    dm = ImagenetteDataModule(**{**data, "batch_size": b.batch_size})  # same batch as the model-only loop
+    dm.prepare_data()
+    dm.setup("fit")
+    steps = b.e2e_steps or len(dm.train_dataloader())  # CUDA default: one epoch per block
+    for name in b.e2e_models:
+        torch.manual_seed(cfg.seed)
+        model_rate, e2e_rate = e2e_rates(
+            TrainStep(create_model(name, NUM_CLASSES), setup), LoaderFeed(dm, setup.device), steps, b
+        )
+        rows.append({"model": name, "size": dm.transform_spec.crop, "pipeline": dm.pipeline,
+                     "model_only": model_rate, "e2e": e2e_rate, "ratio": e2e_rate / model_rate,
+                     "timed_steps": b.e2e_rounds * steps})
+        print(f"  e2e {name}: model-only {model_rate:.1f}, end-to-end {e2e_rate:.1f} images/s", flush=True)
+        _free(setup.device)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- verdicts
+def _verdict(value: float, target: float) -> str:
+    return "PASS" if value >= target else "FAIL"
+
+
+def judge(results: dict[str, Any], setup: StepSetup, t: DictConfig) -> list[dict[str, Any]]:
+    """Attach target and PASS/FAIL to each row that has one; return the list of checks."""
+    checks = []
+    loaders = results.get("loader", [])
+    pil = {r["workers"]: r["images_per_s"] for r in loaders if r["pipeline"] == "pil"}
+    for r in loaders:
+        if r["pipeline"] == "cached" and 0 in pil:  # equal workers: no worker process on either side
+            r["speedup"] = r["images_per_s"] / pil[0]
+            r["augmented_speedup"] = r["augmented_images_per_s"] / pil[0]
+            r["result"] = _verdict(r["speedup"], t.loader_speedup)
+            checks.append({"what": "loader: cached vs pil, 0 workers each", "value": f"{r['speedup']:.1f}x",
+                           "target": f">= {t.loader_speedup:g}x", "result": r["result"]})
+    for r in results.get("step", []):
+        if r["ratio"] is not None:
+            r["result"] = _verdict(r["ratio"], t.step_ratio)
+            checks.append({"what": f"step: {r['model']} {r['size']} px, ours vs {r['library']}",
+                           "value": f"{r['ratio']:.2f}x", "target": f">= {t.step_ratio:g}x", "result": r["result"]})
+    for r in results.get("e2e", []):
+        r["result"] = _verdict(r["ratio"], t.e2e_ratio)
+        checks.append({"what": f"e2e: {r['model']} {r['size']} px, end-to-end vs model-only",
+                       "value": f"{r['ratio']:.2f}x", "target": f">= {t.e2e_ratio:g}x", "result": r["result"]})
+        recipe = setup.precision == "bf16" and setup.channels_last and setup.compile
+        if setup.device.type == "cuda" and r["model"] == "resnet50" and r["size"] == 224 and recipe:
+            checks.append({"what": "e2e: ResNet-50 224 px, bf16, channels_last, compiled",
+                           "value": f"{r['e2e']:,.0f} images/s", "target": f">= {t.gpu_resnet50_e2e:,.0f} images/s",
+                           "result": _verdict(r["e2e"], t.gpu_resnet50_e2e)})
+    return checks
+
+
+# ------------------------------------------------------------------------------------------ report
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join("—" if v is None else str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _rate(v: float | None) -> str | None:
+    return None if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def render(results: dict[str, Any], cfg: DictConfig, setup: StepSetup, info: dict[str, Any]) -> str:
+    """The device's section of BENCHMARKS.md (also printed)."""
+    b, t, d = cfg.bench, cfg.bench.targets, cfg.data
+    kind = "GPU" if setup.device.type == "cuda" else "CPU"
+    checks = results["checks"]
+    passed = sum(c["result"] == "PASS" for c in checks)
+    out = [f"## {kind}: {info['gpu'] or info['cpu']}" + (" (quick smoke run, not a benchmark)" if b.quick else "")]
+    load = " / ".join(f"{v:.2f}" for v in info["load_avg_start"])
+    load_end = " / ".join(f"{v:.2f}" for v in info["load_avg_end"])
+    out.append("\n".join([
+        "",
+        f"- date: {info['date']}; wall time {info['wall_s'] / 60:.1f} min",
+        f"- host: {info['host']}; CPU {info['cpu']}" + (f"; GPU {info['gpu']}" if info["gpu"] else ""),
+        f"- software: Python {info['python']}, " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+        f"- load average (1/5/15 min) at start {load}, at end {load_end} (shared machine: other jobs ran too)",
+        f"- command: `{info['command']}`" + (f" at commit {info['git']}" if info["git"] else ""),
+        f"- data: `{d.archive or d.root or 'official ' + str(d.variant)}`, resize {d.resize} px -> crop {d.crop} px",
+        f"- targets: {passed}/{len(checks)} PASS",
+    ]))
+    if "loader" in results:
+        rows = []
+        for r in results["loader"]:
+            if r["pipeline"] == "pil":
+                rows.append([f"pil (torchvision reference, {'main process' if not r['workers'] else 'workers'})",
+                             r["workers"], r["threads"], _rate(r["images_per_s"]), "1.0x" if r["workers"] == 0 else None,
+                             f"{r['rss_main_mib']:,.0f}", None if r["rss_worker_mib"] is None else f"{r['rss_worker_mib']:,.0f}",
+                             None, None])
+            else:
+                rows.append(["cached (uint8 crops, what the loader yields)", "0 (in-process)", r["threads"],
+                             _rate(r["images_per_s"]), f"{r.get('speedup', 0):.1f}x", f"{r['rss_main_mib']:,.0f}",
+                             None, f">= {t.loader_speedup:g}x", r.get("result")])
+                rows.append(["cached + BatchAugment on the CPU (training-ready batches)", "0 (in-process)",
+                             r["threads"], _rate(r["augmented_images_per_s"]), f"{r.get('augmented_speedup', 0):.1f}x",
+                             "(same process)", None, None, "info"])
+        out.append(f"\n### Loader: training batches of {d.batch_size}, one process each\n")
+        out.append(md_table(["pipeline", "worker processes", "torch threads", "images/s", "vs pil, 0 workers",
+                             "peak RSS MiB (main)", "peak RSS MiB (largest worker)", "target", "result"], rows))
+        out.append(
+            f"\nTimed for {b.loader_seconds:g} s after {b.loader_warmup} warm-up batches, page cache warm. The "
+            "cached pipeline ignores `num_workers` (it slices crops in the main process), so the target "
+            "compares it with pil at 0 workers: one process, one thread, each. On a GPU its flip/normalize/"
+            "erase runs on the device (`gpu_transform`); the `+ BatchAugment` row does that on the CPU "
+            "instead, which is what a CPU training run pays (it is inside the end-to-end numbers below). "
+            "RSS counts the memory-mapped cache pages a process touched (shared, reclaimable page cache) and, "
+            "for workers, the pages they share with the main process."
+        )
+    if "step" in results:
+        rows = [[r["model"], r["size"], f"{r['params_m']:.1f}", _rate(r["ours"]), r["library"],
+                 _rate(r["library_images_per_s"]), None if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                 r["timed_steps"], None if r["ratio"] is None else f">= {t.step_ratio:g}x",
+                 r.get("result", "no library model")] for r in results["step"]]
+        out.append(f"\n### Training step: batch {b.batch_size}, synthetic batches on the device\n")
+        out.append(md_table(["model", "px", "params M", "ours images/s", "library constructor", "library images/s",
+                             "ours / library", "timed steps each", "target", "result"], rows))
+        out.append(
+            f"\n{setup.describe()}; {info['torch_threads']} torch threads. Forward + cross-entropy + backward + "
+            f"Adam step; {b.warmup} warm-up step(s) each, then ours and the library's alternate step by step "
+            f"(at least {b.steps} timed steps each, more while under {b.step_seconds:g} s); images/s = batch / "
+            "median step time. The hybrid is the report's own network: no library has it."
+        )
+    if "e2e" in results:
+        rows = [[r["model"], r["size"], r["pipeline"], _rate(r["model_only"]), _rate(r["e2e"]), f"{r['ratio']:.2f}x",
+                 r["timed_steps"], f">= {t.e2e_ratio:g}x", r["result"]] for r in results["e2e"]]
+        out.append(f"\n### End to end: batch {b.batch_size}, real ImagenetteDataModule loader vs model alone\n")
+        out.append(md_table(["model", "px", "pipeline", "model-only images/s", "end-to-end images/s",
+                             "end-to-end / model-only", "timed steps each", "target", "result"], rows))
+        epoch = "one epoch per block" if cfg.bench.e2e_steps is None else f"{b.e2e_steps} steps per block"
+        out.append(
+            f"\n{setup.describe()}. End to end = `train_dataloader()` -> `.to(device)` -> `gpu_transform` -> step; "
+            f"model-only = the same step on one such batch kept on the device. {b.warmup} warm-up step(s) "
+            f"through the loader, then {b.e2e_rounds} round(s) of (model-only block, end-to-end block), "
+            f"{epoch}, synchronized at block edges."
+        )
+    out.append("\n### Targets\n")
+    out.append(md_table(["check", "measured", "target", "result"],
+                        [[c["what"], c["value"], c["target"], c["result"]] for c in checks]))
+    return "\n".join(out) + "\n"
+
+
+HEADER = """# Benchmarks
+
+Generated by `make bench` (`python benchmarks/bench.py`, see its docstring for the knobs): issue 6's
+loader, training-step and end-to-end throughput, side by side on one machine. A run rewrites the section
+of its device kind (CPU or GPU) and keeps the other one.
+"""
+NO_RUN = {
+    "cpu": "## CPU\n\nNot measured yet: run `make bench ARGS=bench.device=cpu`.\n",
+    "cuda": ("## GPU\n\nNo GPU was lent while issue 6 was worked on, so the CPU targets above close it. Run "
+             "`make bench` on a CUDA machine to fill this section (it needs no change: bf16 autocast, "
+             "channels_last, torch.compile, cudnn.benchmark and fused Adam are picked automatically).\n"),
+}
+
+
+def _marker(kind: str, end: bool = False) -> str:
+    return f"<!-- bench:{kind}:{'end' if end else 'start'} -->"
+
+
+def update_markdown(path: Path, kind: str, section: str) -> None:
+    """Write ``section`` as the ``kind`` (cpu | cuda) part of ``path``, keeping the other kind's part."""
+    old = path.read_text() if path.is_file() else ""
+    parts = {}
+    for k in ("cpu", "cuda"):
+        start, end = _marker(k), _marker(k, end=True)
+        if k == kind:
+            parts[k] = section
+        elif start in old and end in old:
+            parts[k] = old.split(start, 1)[1].split(end, 1)[0].strip("\n") + "\n"
+        else:
+            parts[k] = NO_RUN[k]
+    body = "\n".join(f"{_marker(k)}\n{parts[k]}{_marker(k, end=True)}\n" for k in ("cpu", "cuda"))
+    path.write_text(HEADER + "\n" + body)
+
+
+# -------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str]) -> int:
+    try:
+        cfg = load_config(argv)
+    except BenchConfigError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
+    b = cfg.bench
+    device = resolve_auto(b)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(b.cudnn_benchmark)
+        torch.set_float32_matmul_precision("high")  # TF32 for whatever stays fp32 under autocast
+    setup = StepSetup(device, b.precision, bool(b.channels_last), bool(b.compile))
+    info = machine_info(device)
+    start = time.perf_counter()
+    print(f"bench on {device} ({info['gpu'] or info['cpu']}): {', '.join(b.parts)}", flush=True)
+    results: dict[str, Any] = {}
+    if "loader" in b.parts:
+        results["loader"] = bench_loaders(cfg)
+    if "step" in b.parts:
+        results["step"] = bench_steps(cfg, setup)
+    if "e2e" in b.parts:
+        results["e2e"] = bench_e2e(cfg, setup)
+    results["checks"] = judge(results, setup, b.targets)
+    info["load_avg_end"] = os.getloadavg()
+    info["wall_s"] = time.perf_counter() - start
+    section = render(results, cfg, setup, info)
+    print("\n" + section)
+    if b.output:
+        path = Path(b.output) if Path(b.output).is_absolute() else REPO / b.output
+        update_markdown(path, device.type, section)
+        print(f"wrote {path}")
+    if b.json:
+        record = {"machine": info, "config": OmegaConf.to_container(cfg, resolve=True), **results}
+        Path(b.json).write_text(json.dumps(record, indent=2, default=str))
+    failed = [c for c in results["checks"] if c["result"] == "FAIL"]
+    return 1 if failed and b.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,205 @@
+"""The report tool (issue 5) on a real tiny sweep: ReLU6 vs Mish in a small hybrid, 2 seeds, 2 short epochs on
+the real mini archive, run through ``python -m imagenette_lab.report.sweep`` (what ``make activation`` calls)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from scipy import stats
+
+from imagenette_lab.callbacks import read_epochs_csv
+from imagenette_lab.report import build_report, expected_jobs, load_runs, run_from_wandb, summarize, welch
+from imagenette_lab.report.__main__ import main as report_main
+from imagenette_lab.report.build import time_to
+from tests.test_train import REPO
+
+NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
+TINY = [
+    "trainer=cpu", "data.resize=40", "data.crop=32", "data.batch_size=8", "data.num_workers=0",
+    "data.persistent_workers=false", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "debug=limit", "logger=csv", "model.width=0.25", "model.rb_groups=4",
+]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, mini_archive: Path) -> dict[str, Path]:
+    """``make activation``'s command with 2 seeds and tiny settings; returns the sweep and results folders."""
+    tmp = tmp_path_factory.mktemp("report")
+    cmd = [
+        sys.executable, "-m", "imagenette_lab.report.sweep", "activation", "--seeds", "1,2", "--out",
+        str(tmp / "results"), "--make", "make activation SEEDS=1,2", "--",
+        f"paths.log_dir={tmp / 'logs'}", f"paths.data_dir={tmp / 'data'}", f"data.archive={mini_archive}", *TINY,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (folder,) = {p.parent.parent for p in (tmp / "logs").rglob("metrics.json")}
+    return {"sweep": folder, "results": tmp / "results"}
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("metrics.json"))]
+
+
+def test_welch_and_summaries_against_scipy() -> None:
+    a, b = [0.81, 0.84, 0.83], [0.78, 0.80, 0.77]
+    res = stats.ttest_ind([100 * x for x in a], [100 * x for x in b], equal_var=False)
+    comp = welch(a, b, "mish", "relu6")
+    assert comp.p == pytest.approx(res.pvalue) and comp.t == pytest.approx(res.statistic)
+    assert comp.diff == pytest.approx(100 * (statistics.mean(a) - statistics.mean(b)))
+    assert comp.ci_low < comp.diff < comp.ci_high and comp.significant
+    assert "p = 0.0" in comp.sentence() and "significant at α = 0.05" in comp.sentence()
+    single = welch([0.85], [0.80], "mish", "relu6")  # the report's situation: one run per arm
+    assert not single.testable and "at least 2 seeds" in single.sentence() and "+5.00 pp" in single.sentence()
+    assert "no spread" in welch([0.5, 0.5], [0.4, 0.4], "a", "b").note
+    assert summarize([0.5, math.nan, 0.7]).fmt(100) == "60.0 ± 14.1"  # NaN (no value recorded) left out
+    assert summarize([0.873]).fmt(100) == "87.3" and summarize([]).fmt() == "—"
+
+
+@pytest.mark.slow
+def test_tables_are_the_runs_numbers(sweep: dict[str, Path]) -> None:
+    runs = load_runs(sweep["sweep"])
+    assert len(runs) == 4 and all(r.completed for r in runs), [(r.source, r.status) for r in runs]
+    report = build_report(runs)
+    assert report.experiment == "activation" and [a.label for a in report.arms] == ["relu6", "mish"]
+    by_act: dict[str, list[float]] = {}
+    for m in _metrics(sweep["sweep"]):  # read metrics.json independently of the tool
+        by_act.setdefault(m["config"]["model"]["act"], []).append(m["final"]["val/acc"] * 100)
+    rows = {row[0]: row for row in report.tables["accuracy"].rows}
+    for act, accs in by_act.items():
+        assert len(accs) == 2
+        assert rows[act][1] == "2"
+        assert rows[act][2] == f"{statistics.mean(accs):.1f} ± {statistics.stdev(accs):.1f}"
+    assert rows["relu6"][3] == "85" and rows["mish"][3] == "~85"  # the report's numbers beside ours
+    (comp,) = report.comparisons
+    assert (comp.a, comp.b) == ("mish", "relu6")
+    if comp.testable:
+        assert comp.p == pytest.approx(stats.ttest_ind(by_act["mish"], by_act["relu6"], equal_var=False).pvalue)
+    # time to accuracy: the table's "reached" counts are the runs' own records
+    tta = report.tables["time_to_acc"]
+    assert tta.columns[2].startswith("epochs to ")
+    threshold = float(tta.columns[2].removeprefix("epochs to ").rstrip("%")) / 100
+    for arm in report.arms:
+        reached = sum(time_to(r, threshold) is not None for r in arm.completed)
+        row = next(r for r in tta.rows if r[0] == arm.label)
+        assert row[2].endswith(f"({reached}/2)")
+    # figures are real PNGs with data
+    for kind in ("curves", "curves_time"):
+        png = sweep["results"] / "full" / f"activation_{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert sorted(expected_jobs(sweep["sweep"]), key=str) == sorted((r.overrides for r in runs), key=str)
+
+
+@pytest.mark.slow
+def test_sweep_wrapper_records_command_machine_and_time(sweep: dict[str, Path]) -> None:
+    (line,) = (sweep["sweep"] / "provenance.jsonl").read_text().splitlines()
+    prov = json.loads(line)
+    assert prov["returncode"] == 0 and prov["seconds"] > 1
+    assert prov["command"].startswith("python run.py -m experiment=activation scale=full") and "seed=1,2" in prov["command"]
+    assert prov["machine"]["cores"] == f"{os.cpu_count()} cores" and prov["machine"]["cpu"]
+    page = (sweep["results"] / "full" / "activation.md").read_text()
+    assert "**Produced by:**" in page and "`make activation SEEDS=1,2`" in page and "exit code 0" in page
+
+
+@pytest.mark.slow
+def test_failed_missing_and_crashed_runs_are_listed_not_averaged(sweep: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "multiruns" / "activation" / "full"
+    shutil.copytree(sweep["sweep"], folder)
+    jobs = {(m["config"]["model"]["act"], m["seed"]): Path(m["run_dir"]).name for m in _metrics(folder)}
+    # relu6 seed 2 failed at epoch 2; mish seed 2 never started (Hydra stopped at the failure)
+    failed = folder / jobs["relu6", 2] / "metrics.json"
+    data = json.loads(failed.read_text())
+    data.update(status="failed", epochs_completed=1, error="FloatingPointError: training loss is nan at epoch 1")
+    failed.write_text(json.dumps(data))
+    shutil.rmtree(folder / jobs["mish", 2])
+    report = build_report(load_runs(folder))
+    relu6, mish = report.arms
+    assert [r.status for r in report.problems] == ["failed", "missing"]
+    assert [len(relu6.completed), len(mish.completed)] == [1, 1]
+    kept = json.loads((folder / jobs["relu6", 1] / "metrics.json").read_text())["final"]["val/acc"]
+    assert report.tables["accuracy"].rows[0][1:3] == ["1 (+1 not averaged)", f"{kept * 100:.1f}"]
+    page = report.markdown
+    assert "## Runs not averaged" in page and "FloatingPointError: training loss is nan" in page
+    assert "| failed | 1/2 |" in page and "| missing |" in page and "act=mish" in page and "seed=2" in page
+    assert "needs at least 2 seeds per arm" in page
+    # a job that crashed before its first epoch ended has a folder but no metrics.json
+    (folder / jobs["mish", 1] / "metrics.json").unlink()
+    statuses = sorted(r.status for r in load_runs(folder))
+    assert statuses == ["completed", "failed", "missing", "no-metrics"]
+
+
+@pytest.mark.slow
+def test_cli(sweep: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "imagenette_lab.report", str(sweep["sweep"]), "--out", str(tmp_path)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(tmp_path / "full" / "activation.md") in proc.stdout
+    assert (tmp_path / "full" / "activation.md").read_text().startswith("# ReLU6 vs Mish in the hybrid — full scale")
+    assert report_main([str(sweep["sweep"]), "--check"]) == 0
+    assert "| relu6 | 2 |" in capsys.readouterr().out
+    assert report_main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _lightning_csv(run_dir: Path) -> list[dict[str, float]]:
+    """The rows Lightning sent to its loggers, as W&B's history would hold them (blank cells absent)."""
+    (path,) = run_dir.glob("csv/version_*/metrics.csv")
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_wandb_runs_give_the_same_report(sweep: dict[str, Path]) -> None:
+    """W&B gets the same logger calls as Lightning's CSV log; mapped through ``run_from_wandb`` they must
+    give the same epochs and the same table as the run folders."""
+    folder_runs = load_runs(sweep["sweep"])
+    wandb_runs = []
+    for run in folder_runs:
+        m = run.metrics
+        history = _lightning_csv(Path(run.source))
+        wr = run_from_wandb(f"wandb:{run.source}", "finished", m["overrides"], "activation", m["config"],
+                            m["final"], history)
+        for key in ("train/loss", "val/acc", "val/loss", "lr"):
+            want = [r.get(key) for r in read_epochs_csv(Path(run.source) / "epochs.csv")]
+            assert [r.get(key) for r in wr.epochs] == pytest.approx(want)
+        assert wr.overrides == run.overrides and wr.completed
+        assert wr.metrics["per_class_acc"] == pytest.approx(m["per_class_acc"])
+        wandb_runs.append(wr)
+    a, b = build_report(folder_runs), build_report(wandb_runs)
+    assert [r[:4] for r in a.tables["accuracy"].rows] == [r[:4] for r in b.tables["accuracy"].rows]
+    assert [c.sentence() for c in a.comparisons] == [c.sentence() for c in b.comparisons]
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_the_sweep(sweep: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    stored = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in stored.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code), "store it without outputs"
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print('KERNEL', sys.executable)"))
+    monkeypatch.setenv("IMAGENETTE_SWEEPS", str(sweep["sweep"]))
+    # "python3" is resolved by jupyter_client to this interpreter (sys.executable), i.e. the venv
+    client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") + "".join(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+    assert f"KERNEL {sys.executable}" in text
+    assert "4 runs in 1 experiment(s): activation (full scale)" in text
+    assert "| relu6 | 2 |" in text and "mish − relu6" in text and "every run completed" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # curves_time and curves
