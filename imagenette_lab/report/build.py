@@ -72,12 +72,11 @@ def _last(run: Run, key: str) -> float:
     return float(values[-1]) if values.size else math.nan
 
 
-def _mean_epoch_s(run: Run) -> float:
-    _, secs = run.curve("time/epoch_s")
-    if secs.size:
-        return float(np.mean(secs))
-    value = (run.metrics.get("throughput") or {}).get("train_epoch_s")
-    return math.nan if value is None else float(value)
+def _mean_epoch_s(run: Run, key: str = "time/epoch_s") -> float:
+    """Mean over epochs of ``time/epoch_s`` (whole epoch: training, validation, checkpoint) or
+    ``time/train_s`` (training batches only)."""
+    _, secs = run.curve(key)
+    return float(np.mean(secs)) if secs.size else math.nan
 
 
 def published_for(arm: Arm, spec: ExperimentSpec) -> Published | None:
@@ -96,7 +95,7 @@ def time_to(run: Run, threshold: float) -> tuple[float, float] | None:
     """(epoch, seconds) at which validation accuracy first reached ``threshold``; None if never.
 
     Uses the module's record (``metrics.json`` ``time_to_acc``, seconds including validation) when it has this
-    threshold, else the first epoch in ``epochs.csv`` (seconds: summed training time of the epochs)."""
+    threshold, else the first epoch in ``epochs.csv`` (seconds: summed ``time/epoch_s`` of the epochs so far)."""
     recorded = run.metrics.get("time_to_acc") or {}
     key = f"{threshold:.2f}"
     if key in recorded:
@@ -144,15 +143,16 @@ def main_table(arms: Sequence[Arm], spec: ExperimentSpec, comps: Sequence[Compar
     by_label = {c.a: c for c in comps}
     show_delta = len(comps) > 1
     ref = comps[0].b if comps else ""
-    cols = [" / ".join(keys) or "runs", "n", "val acc (%)"]
+    cols = [" / ".join(keys) or "runs", *(c for c, _ in spec.columns), "n", "val acc (%)"]
     cols += ["report (%)"] if has_pub else []
     cols += [f"Δ vs {ref} (pp)"] if show_delta else []
-    cols += ["val loss", "train acc, last epoch (%)", "epochs", "s / epoch (train)", "params (M)"]
+    cols += ["val loss", "train acc, last epoch (%)", "epochs", "s / epoch", "params (M)"]
     table = Table(cols)
     for arm in arms:
         done = arm.completed
         pub = published_for(arm, spec)
-        row: list[str] = [arm.label, _n_cell(arm), summarize(_acc(done)).fmt(100)]
+        extra = [", ".join(sorted({str(r.config(key)) for r in arm.runs})) for _, key in spec.columns]
+        row: list[str] = [arm.label, *extra, _n_cell(arm), summarize(_acc(done)).fmt(100)]
         row += [pub.fmt() if pub else "—"] if has_pub else []
         row += [by_label[arm.label].short() if arm.label in by_label else "(reference)"] if show_delta else []
         epochs = sorted({int(r.metrics.get("epochs_completed") or 0) for r in done})
@@ -167,7 +167,7 @@ def main_table(arms: Sequence[Arm], spec: ExperimentSpec, comps: Sequence[Compar
         table.add(*row)
     table.caption = (
         "val acc: final validation accuracy (of the best checkpoint), mean ± sample std over seeds; n: completed "
-        "seeds averaged. s / epoch: wall time of the training part of an epoch."
+        "seeds averaged. s / epoch: wall time of a whole epoch (training, validation, checkpoint)."
     )
     return table
 
@@ -231,7 +231,7 @@ def time_to_acc_table(arms: Sequence[Arm]) -> Table:
 def overfit_table(arms: Sequence[Arm]) -> Table:
     table = Table(
         [" / ".join(arms[0].values) or "runs", "n", "epoch of lowest val loss", "val loss rise after its minimum",
-         "train − val acc, last epoch (pp)", "s / epoch (train)", "images / s (train)"]
+         "train − val acc, last epoch (pp)", "training s / epoch", "training images / s"]
     )
     for arm in arms:
         best, rise, gap, ips = [], [], [], []
@@ -245,12 +245,12 @@ def overfit_table(arms: Sequence[Arm]) -> Table:
             ips.append(float(np.mean(rate)) if rate.size else math.nan)
         table.add(
             arm.label, str(len(arm.completed)), summarize(best).fmt(1, 1), summarize(rise).fmt(1, 3),
-            summarize(gap).fmt(1, 1), summarize([_mean_epoch_s(r) for r in arm.completed]).fmt(1, 1),
+            summarize(gap).fmt(1, 1), summarize([_mean_epoch_s(r, "time/train_s") for r in arm.completed]).fmt(1, 1),
             summarize(ips).fmt(1, 0),
         )
     table.caption = (
         "Overfitting shows as an early minimum of the validation loss, a rise after it and a growing "
-        "train − val accuracy gap."
+        "train − val accuracy gap. Training s / epoch and images / s count the training batches only."
     )
     return table
 
@@ -343,10 +343,13 @@ def build_figures(arms: Sequence[Arm], spec: ExperimentSpec, scale: str) -> dict
         elif kind == "sweep" and spec.sweep_x:
             panels: list[F.Panel] = [F.ACC_PANEL]
             if spec.name == "batch_size":
-                panels.append(("time/epoch_s", "time per epoch (s, training part)", 1.0))
+                panels.append(("time/train_s", "training time per epoch (s, validation excluded)", 1.0))
             xs = {float(a.values.get(spec.sweep_x) or math.nan) for a in arms}
             choice = next((c for c in spec.report_choice if c in xs), None)
-            figs[kind] = F.sweep_figure(arms, spec.sweep_x, spec.sweep_x_label, title, panels, choice)
+            label = "report's choice"
+            if choice is not None and choice != spec.report_choice[0]:
+                label += f" ({spec.report_choice[0]:g}, scaled to {choice:g})"
+            figs[kind] = F.sweep_figure(arms, spec.sweep_x, spec.sweep_x_label, title, panels, choice, label)
         elif kind == "bars":
             pub = {a.label: p.value for a in arms if (p := published_for(a, spec))}
             figs[kind] = F.bars_figure(arms, title, pub)

@@ -37,6 +37,7 @@ class ExperimentSpec:
     sweep_x: str | None = None  # numeric swept key plotted on the x axis
     sweep_x_label: str = ""  # its axis label, with unit
     report_choice: tuple[float, ...] = ()  # x values the report picked (full scale, then the quick equivalent)
+    columns: tuple[tuple[str, str], ...] = ()  # extra table columns: (header with unit, resolved-config key)
     figures: tuple[str, ...] = ("curves",)  # curves | curves_time | sweep | per_class | bars
     extras: tuple[str, ...] = ()  # per_class | time_to_acc | overfit
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # arm value -> class -> accuracy
@@ -61,6 +62,7 @@ _QUICK_GENERIC = (
     "32 px crops, 4 epochs: checks the wiring and shows large effects only. Absolute accuracies are far "
     "below the report's 224 px / 30-epoch numbers and differences of a few points are not resolved."
 )
+_QUICK_NARROW = _QUICK_GENERIC + " The hybrid runs at half width (model.width=0.5) to fit a CPU."
 
 EXPERIMENTS: dict[str, ExperimentSpec] = {
     spec.name: spec
@@ -106,7 +108,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             reference=({"model.block_drop_rate": ("0", "0.0"), "model.norm": ("batch",)},),
             order=("batch", "none"),
             figures=("curves", "bars"),
-            quick=_QUICK_GENERIC + " Dropout's benefit, if any, shows late in training; 4 epochs mostly show its cost.",
+            quick=_QUICK_NARROW + " Dropout's benefit, if any, shows late in training; 4 epochs mostly show its cost.",
         ),
         ExperimentSpec(
             name="lr_schedule",
@@ -138,8 +140,9 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             figures=("curves_time", "curves"),
             extras=("time_to_acc",),
             quick=(
-                "4 epochs at 32 px do not reach 80 %, so the quick form compares the time to lower accuracies "
-                "(30-70 %); it says which activation learns faster early, at a smaller input size than the report's."
+                "4 epochs at 32 px with a half-width hybrid do not reach 80 %, so the quick form compares the time "
+                "to lower accuracies (30-70 %): which activation learns faster early, at a smaller input size and "
+                "width than the report's."
             ),
         ),
         ExperimentSpec(
@@ -149,7 +152,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             claim="BlurPool decreased the model's accuracy.",
             reference=({"model.blurpool": ("false", "False")},),
             order=("false", "False", "true", "True"),
-            quick=_QUICK_GENERIC + " At 32 px there is little high-frequency content left for BlurPool to act on.",
+            quick=_QUICK_NARROW + " At 32 px there is little high-frequency content left for BlurPool to act on.",
         ),
         ExperimentSpec(
             name="resize",
@@ -159,10 +162,12 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             reference=({"data.resize": ("280",)}, {"data.resize": ("40",)}),
             sweep_x="data.resize",
             sweep_x_label="resize, shorter side (px); crop = 0.8 × resize",
+            columns=(("crop (px)", "data.crop"),),
             report_choice=(280, 40),
             figures=("sweep", "curves"),
             quick=(
-                "Sizes divided by 7 (21-64 px, 40 px standing in for 280): shows whether accuracy keeps rising "
+                "Sizes divided by 7 (21-64 px, 40 px standing in for 280), half-width hybrid: shows whether accuracy "
+                "keeps rising "
                 "with resolution at small sizes; it cannot locate the report's optimum at 224 px crops."
             ),
         ),
@@ -181,8 +186,8 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             figures=("sweep", "curves"),
             extras=("overfit",),
             quick=(
-                _QUICK_GENERIC + " Epoch times on a shared CPU are noisy, and 4 epochs are too few to see "
-                "overfitting: read the epoch-time column, not the overfitting columns."
+                _QUICK_NARROW + " Epoch times on a shared CPU are noisy, and 4 epochs are too few to see "
+                "overfitting: read the training-time columns, not the overfitting ones."
             ),
         ),
         ExperimentSpec(
@@ -192,7 +197,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             claim="Adam with lr 0.00024 and weight decay 0.00001 outperforms SGD (He et al. 2015's recipe).",
             reference=({"optim": ("sgd",)},),
             order=("adam", "sgd", "adamw"),
-            quick=_QUICK_GENERIC + " SGD converges later than Adam, so a 4-epoch run favours Adam by construction.",
+            quick=_QUICK_NARROW + " SGD converges later than Adam, so a 4-epoch run favours Adam by construction.",
         ),
         ExperimentSpec(
             name="label_noise",
@@ -203,7 +208,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             sweep_x="data.label_noise",
             sweep_x_label="noisy training labels (%)",
             figures=("sweep", "curves"),
-            quick=_QUICK_GENERIC,
+            quick=_QUICK_NARROW,
         ),
     ]
 }

@@ -58,18 +58,26 @@ def curves_figure(arms: Sequence[Arm], title: str, panels: Sequence[Panel] = (AC
     """One panel per metric, validation metric vs epoch; one line per arm (mean over its completed seeds)
     with a ±1 std band."""
     fig, axes = _new(len(panels), title)
+    seen: set[int] = set()
     for arm, color in zip(arms, _colors(len(arms)), strict=True):
         for ax, (key, _, scale) in zip(axes, panels, strict=True):
             epochs, mean, std = mean_curve(arm.completed, key, scale)
             if epochs.size == 0:
                 continue
+            seen.update(epochs.tolist())
             ax.plot(epochs, mean, marker="o", ms=3, color=color, label=_legend_label(arm))
-            ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+            low, high = mean - std, mean + std
+            if scale == 100.0:  # a percentage band stays within [0, 100]
+                low, high = np.clip(low, 0, 100), np.clip(high, 0, 100)
+            ax.fill_between(epochs, low, high, color=color, alpha=0.2, lw=0)
     for ax, (_, label, _) in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        if 0 < len(seen) <= 20:
+            ax.set_xticks(sorted(seen))  # whole epochs only
+        else:
+            ax.xaxis.get_major_locator().set_params(integer=True)
     if any(ax.has_data() for ax in axes):
         axes[0].legend(fontsize="small")
     return fig
@@ -93,7 +101,7 @@ def time_curves_figure(arms: Sequence[Arm], title: str, thresholds: Sequence[flo
         ax.annotate(f"{t:.0%}", (0, t * 100), xycoords=("axes fraction", "data"), fontsize="small", color="grey",
                     va="bottom")
     ax.set_xlim(left=0)
-    ax.set_xlabel("training time (s, cumulative, validation excluded)")
+    ax.set_xlabel("elapsed training time (s, whole epochs incl. validation)")
     ax.set_ylabel(ACC_PANEL[1])
     ax.grid(alpha=0.3)
     if ax.has_data():
@@ -102,7 +110,8 @@ def time_curves_figure(arms: Sequence[Arm], title: str, thresholds: Sequence[flo
 
 
 def _value(run: Run, key: str) -> float:
-    if key == "time/epoch_s":
+    """A run's final metric; for per-epoch timings (``time/...``) their mean over epochs."""
+    if key.startswith("time/"):
         _, secs = run.curve(key)
         return float(np.mean(secs)) if secs.size else math.nan
     return run.final(key)
@@ -115,6 +124,7 @@ def sweep_figure(
     title: str,
     panels: Sequence[Panel] = (ACC_PANEL,),
     choice: float | None = None,
+    choice_label: str = "report's choice",
 ) -> Figure:
     """Each panel: a final metric (mean ± std over seeds, individual seeds as dots) against the numeric swept
     value ``x_key``; ``choice`` (the report's pick) is marked."""
@@ -131,7 +141,7 @@ def sweep_figure(
             pts_x.append(x)
         ax.errorbar(pts_x, means, yerr=stds, marker="o", capsize=4, color="C0", label="mean ± std over seeds")
         if choice is not None:
-            ax.axvline(choice, ls="--", color="C3", label=f"report's choice ({choice:g})")
+            ax.axvline(choice, ls="--", color="C3", label=choice_label)
         ax.set_xticks(sorted(x for x in pts_x if not math.isnan(x)))  # the swept values themselves
         ax.set_xlabel(x_label)
         ax.set_ylabel(label)
@@ -165,7 +175,7 @@ def bars_figure(arms: Sequence[Arm], title: str, published: dict[str, float] | N
     ax.set_ylabel(ACC_PANEL[1])
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize="small", loc="lower right")
+    fig.legend(fontsize="small", loc="outside lower center", ncols=3)  # outside: never over a bar
     return fig
 
 

@@ -98,7 +98,8 @@ class Run:
         return np.array([p[0] for p in pts], dtype=int), np.array([p[1] for p in pts], dtype=float)
 
     def elapsed(self) -> tuple[np.ndarray, np.ndarray]:
-        """(epochs, cumulative training seconds at the end of each epoch) from ``time/epoch_s``."""
+        """(epochs, cumulative seconds at the end of each epoch) from ``time/epoch_s`` (whole epochs, as
+        the module's time-to-accuracy record counts them)."""
         epochs, secs = self.curve("time/epoch_s")
         return epochs, np.cumsum(secs)
 
@@ -255,11 +256,13 @@ class Arm:
 
     @property
     def label(self) -> str:
+        """``hybrid`` for a single swept word; ``resize=280`` for numbers and booleans, which need their key."""
         if not self.values:
             return "all runs"
-        if len(self.values) == 1:
-            return str(next(iter(self.values.values())) or "default")
-        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v if v is not None else 'default'}" for k, v in self.values.items())
+        items = [(k.rsplit(".", 1)[-1], "default" if v is None else str(v)) for k, v in self.values.items()]
+        if len(items) == 1 and re.fullmatch(r"[A-Za-z][\w-]*", items[0][1]) and items[0][1] not in ("True", "False"):
+            return items[0][1]
+        return ", ".join(f"{k}={v}" for k, v in items)
 
     @property
     def completed(self) -> list[Run]:

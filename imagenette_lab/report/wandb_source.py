@@ -79,7 +79,7 @@ def load_wandb_runs(path: str, experiments: Sequence[str] = ()) -> list[Run]:
     filters = {"group": {"$in": list(experiments)}} if experiments else None
     return [
         run_from_wandb(
-            f"wandb:{path}/{r.id}", r.state, list(r.tags), r.group, dict(r.config), dict(r.summary),
+            f"wandb:{path}/{r.id}", r.state, list(r.tags), r.group, dict(r.config), dict(r.summary_metrics),
             r.scan_history(),
         )
         for r in api.runs(path, filters=filters)

@@ -1,0 +1,140 @@
+"""``benchmarks/bench.py`` (``make bench``): a quick run on the real mini archive writes real numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench.py"
+OTHER_SECTION = "## GPU\n\nkept from an earlier CUDA run: 1,234 images/s\n"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """The script imported as a module (it is not part of the package)."""
+    spec = importlib.util.spec_from_file_location("bench_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory, mini_archive: Path) -> dict:
+    """One ``bench.quick=true`` run of the real script on the mini archive at 64 px crops."""
+    tmp = tmp_path_factory.mktemp("bench")
+    md, raw = tmp / "BENCH.md", tmp / "bench.json"
+    # an earlier GPU section: a CPU run must rewrite only its own section and keep this one
+    md.write_text(f"# old\n<!-- bench:cuda:start -->\n{OTHER_SECTION}<!-- bench:cuda:end -->\n")
+    args = [
+        f"data.archive={mini_archive}",
+        f"paths.data_dir={tmp / 'data'}",
+        "data.resize=72",
+        "data.crop=64",
+        "bench.quick=true",
+        "bench.device=cpu",
+        f"bench.output={md}",
+        f"bench.json={raw}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"md": md.read_text(), "json": json.loads(raw.read_text()), "stdout": proc.stdout}
+
+
+def _cells(md: str, heading: str) -> list[list[str]]:
+    """Body rows of the first table after ``heading``."""
+    block = md.split(heading, 1)[1]
+    rows = [ln for ln in block.split("\n\n", 2)[1].splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in rows[2:]]
+
+
+def _number(cell: str) -> float:
+    return float(re.sub(r"[,x]", "", cell.split()[0]))
+
+
+def test_quick_run_measures_real_positive_numbers(quick_run: dict) -> None:
+    raw = quick_run["json"]
+    pil, cached = raw["loader"]
+    assert (pil["pipeline"], pil["workers"], cached["pipeline"]) == ("pil", 0, "cached")
+    for r in (pil, cached):
+        assert r["images_per_s"] > 0 and r["images"] >= 32 and r["rss_main_mib"] >= r["rss_start_mib"] > 50
+    # slicing a uint8 cache beats decoding + resizing JPEGs even at 64 px crops (measured ~60x)
+    assert cached["images_per_s"] > 3 * pil["images_per_s"]
+    assert 0 < cached["augmented_images_per_s"] < cached["images_per_s"]  # augmenting on the CPU costs
+    (step,) = raw["step"]
+    assert step["model"] == "mobilenetv2" and step["library"] == "timm mobilenetv2_100"
+    assert step["ours"] > 0 and step["library_images_per_s"] > 0 and step["timed_steps"] >= 2
+    ours_s, library_s = step["step_s"]  # per-step seconds, paired round by round
+    assert len(ours_s) == len(library_s) == step["timed_steps"] and min(ours_s + library_s) > 0
+    assert step["ratio"] == pytest.approx(
+        statistics.median(b / a for a, b in zip(ours_s, library_s, strict=True))
+    )
+    assert step["ours"] == pytest.approx(4 / statistics.median(ours_s))  # batch 4 / median step time
+    assert step["same_layers"] is True  # ours is timm's MobileNetV2 exactly
+    assert 2.0 < step["params_m"] < 2.5  # MobileNetV2 with a 10-class head: 2.24 M parameters
+    (e2e,) = raw["e2e"]
+    assert e2e["size"] == 64 and e2e["pipeline"] == "cached" and e2e["model_only"] > 0 and e2e["e2e"] > 0
+    assert {c["result"] for c in raw["checks"]} <= {"PASS", "FAIL"} and len(raw["checks"]) == 3
+    assert raw["machine"]["torch_threads"] == 1 and raw["config"]["bench"]["batch_size"] == 4
+
+
+def test_markdown_has_context_tables_and_verdicts(quick_run: dict) -> None:
+    md, raw = quick_run["md"], quick_run["json"]
+    assert md.startswith("# Benchmarks") and "## CPU:" in md and "quick smoke run" in md
+    for needle in (
+        "- date: ",
+        "load average",
+        "torch " + raw["machine"]["versions"]["torch"],
+        "bench.quick=true",
+        "AMD" if "AMD" in raw["machine"]["cpu"] else "logical cores",
+    ):
+        assert needle in md, needle
+    loader = _cells(md, "### Loader")
+    assert [r[0].split(" ")[0] for r in loader] == ["pil", "cached", "cached"]
+    assert all(_number(r[3]) > 0 for r in loader)
+    (step,) = _cells(md, "### Training step")
+    assert step[0] == "mobilenetv2" and _number(step[3]) > 0 and step[5] == "yes" and _number(step[6]) > 0
+    assert step[-1] in ("PASS", "FAIL")
+    (e2e,) = _cells(md, "### End to end")
+    assert _number(e2e[3]) > 0 and _number(e2e[4]) > 0 and e2e[-1] in ("PASS", "FAIL")
+    targets = _cells(md, "### Targets")
+    assert len(targets) == 3 and all(r[-1] in ("PASS", "FAIL") for r in targets)
+    assert "### Targets" in quick_run["stdout"]  # the same section is printed
+    # the GPU section of the earlier run survives the CPU run
+    assert OTHER_SECTION in md and md.index("## CPU") < md.index("## GPU")
+
+
+def test_bad_arguments_name_the_key(bench: ModuleType) -> None:
+    cases = {
+        "bench.device=tpu": "bench.device",
+        "bench.modelz=[resnet50]": "modelz",
+        "bench.models=[resnet51]": "bench.models",
+        "bench.sizes=[16]": "bench.sizes",
+        "bench.precision=fp16": "bench.precision",
+        "bench.parts=[loader,train]": "bench.parts",
+        "--quick": "key=value",
+    }
+    for arg, key in cases.items():
+        with pytest.raises(bench.BenchConfigError, match=re.escape(key)):
+            bench.load_config([arg])
+
+
+def test_quick_preset_yields_to_explicit_arguments(bench: ModuleType) -> None:
+    cfg = bench.load_config(["bench.quick=true", "bench.batch_size=2", "data.crop=96"])
+    assert cfg.bench.batch_size == 2 and cfg.bench.models == ["mobilenetv2"] and cfg.bench.output is None
+    assert cfg.data.crop == 96 and cfg.data.seed == 0  # data config interpolations resolve
+    full = bench.load_config([])
+    assert full.bench.batch_size is None and full.bench.output == "BENCHMARKS.md"
+    bench.resolve_auto(full.bench)
+    assert full.bench.batch_size in (8, 256) and full.bench.precision in ("fp32", "bf16")
