@@ -45,5 +45,7 @@ train: install ## The main job: report recipe on a GPU; the reduced CPU preset o
 bench: install ## Benchmarks side by side (loader, train step, end to end) -> BENCHMARKS.md
 	$(PY) benchmarks/bench.py $(DATA_ARGS) $(ARGS)
 
+include docs/makefile_experiments.mk
+
 clean: ## Remove run outputs (logs/) and the data cache (data/); keeps .venv
 	rm -rf logs data

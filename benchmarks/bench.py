@@ -4,7 +4,8 @@ Three measurements (issue 6), each printed as a table with its target and PASS/F
 device's section of ``BENCHMARKS.md`` (a CPU run replaces the CPU section, a CUDA run the GPU one):
 
 1. **Loader**: training batches per second of the torchvision PIL reference (``data.pipeline=pil``)
-   against the resize cache (``cached``), each in its own process (peak RSS measured there).
+   against the resize cache (``cached``), each in its own process (peak RSS measured there), timed in
+   turns so that both see the same machine load.
 2. **Training step**: forward + cross-entropy + backward + Adam on synthetic batches already on the
    device, our ``create_model`` network against the library constructor of the same architecture
    (timm / torchvision), interleaved step by step so both see the same machine load.
@@ -15,7 +16,9 @@ Arguments are Hydra-style ``key=value`` (OmegaConf dotlist): ``data.*`` are the 
 ``conf/data/imagenette.yaml`` (``make bench`` passes ``data.archive=...``), ``bench.*`` are the knobs in
 ``BENCH_DEFAULTS`` below, e.g. ``python benchmarks/bench.py bench.device=cpu bench.models=[resnet50]``.
 On CUDA it uses bf16 autocast, channels_last, ``torch.compile``, cudnn.benchmark and fused Adam, and
-times with CUDA events / synchronize, warm-up steps excluded.
+times with CUDA events / synchronize, warm-up steps excluded. A GPU box without the 224 px archive can
+use ``data.archive=.../imagenette2-128.tgz``: the cache upsamples it to 280 px once, and crops stay
+224 px, so the loader does the same work per batch (the pil reference decodes smaller JPEGs, though).
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import pairwise
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +81,9 @@ BENCH_DEFAULTS: dict[str, Any] = {
     "e2e_rounds": None,  # alternating (model-only, end-to-end) block pairs; 2 / 1
     "pil_workers": [0, 2],  # DataLoader worker processes of the pil reference (one run each)
     "loader_threads": 1,  # torch threads in each loader process (2 cripples the pil main process)
-    "loader_warmup": 3,  # batches, untimed, per loader (opening files, starting workers)
-    "loader_seconds": 5.0,  # s, timed window per loader
+    "loader_warmup": 2.0,  # s of untimed loading per loader (starting workers, mapping the cache's pages)
+    "loader_windows": 5,  # timed windows per loader, taken in turns with the other loaders (median kept)
+    "loader_seconds": 1.0,  # s, length of one timed window
     "output": "BENCHMARKS.md",  # markdown to update (relative to the repo root); null = print only
     "json": None,  # optional path for the raw results as JSON
     "strict": False,  # exit with status 1 when a target FAILs
@@ -130,8 +135,9 @@ QUICK: dict[str, Any] = dict(
     e2e_steps=2,  # steps
     e2e_rounds=1,
     pil_workers=[0],
-    loader_warmup=1,  # batches
-    loader_seconds=1.0,  # s
+    loader_warmup=0.2,  # s
+    loader_windows=2,
+    loader_seconds=0.5,  # s
     output=None,  # never overwrite BENCHMARKS.md with smoke numbers unless asked to
 )
 PARTS = ("loader", "step", "e2e")
@@ -228,8 +234,9 @@ def _validate(b: DictConfig) -> None:
         "must be a list of worker counts >= 0",
     )
     need(positive_int(b.loader_threads), "loader_threads", "must be a positive integer")
-    need(positive_int(b.loader_warmup) or b.loader_warmup == 0, "loader_warmup", "must be an integer >= 0")
+    need(float(b.loader_warmup) >= 0, "loader_warmup", "must be >= 0 (seconds)")
     need(float(b.loader_seconds) > 0, "loader_seconds", "must be > 0 (seconds)")
+    need(positive_int(b.loader_windows), "loader_windows", "must be a positive integer")
 
 
 def resolve_auto(b: DictConfig) -> torch.device:
@@ -289,23 +296,19 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- loader
-def _drain(dm: ImagenetteDataModule, warmup: int, seconds: float, augment: bool) -> tuple[float, int]:
-    """Training batches/s over a ``seconds`` window after ``warmup`` batches, across epochs if needed."""
+def _endless(dm: ImagenetteDataModule) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:  # a fresh iterator per epoch, as a Trainer makes
+        yield from dm.train_dataloader()
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:  # a fresh iterator per epoch, as a Trainer makes
-            yield from dm.train_dataloader()
 
-    stream = batches()
-    for _ in range(warmup):
-        next(stream)
+def _window(dm: ImagenetteDataModule, stream: Iterator, seconds: float, augment: bool) -> tuple[float, int]:
+    """(images/s, images) of training batches drawn from ``stream`` for ``seconds``."""
     images, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds:
         batch = next(stream)
         if augment:  # the cached pipeline's flip/normalize/erase, here on the CPU
             batch = dm.gpu_transform(batch, train=True)
-        images += batch[0].shape[0]
-    stream.close()
+        images += batch[1].shape[0]
     return images / elapsed, images
 
 
@@ -313,59 +316,110 @@ def _peak_rss_mib(who: int) -> float:
     return resource.getrusage(who).ru_maxrss * 1024 / MIB  # ru_maxrss is in KiB on Linux
 
 
-def measure_loader(
-    data: dict[str, Any], pipeline: str, workers: int, threads: int, warmup: int, seconds: float
-) -> dict[str, Any]:
-    """Run in a fresh process: one pipeline's training-batch rate and that process's peak RSS."""
-    torch.set_num_threads(threads)
-    start_mib = _peak_rss_mib(resource.RUSAGE_SELF)  # the imports, shared by every loader process
-    dm = ImagenetteDataModule(**{**data, "pipeline": pipeline, "num_workers": workers})
-    dm.setup("fit")
-    rate, images = _drain(dm, warmup, seconds, augment=False)
-    out = {
-        "pipeline": pipeline,
-        "workers": workers if pipeline == "pil" else 0,
-        "threads": threads,
-        "images_per_s": rate,
-        "images": images,
-    }
-    if pipeline == "cached":
-        out["augmented_images_per_s"], _ = _drain(dm, warmup, seconds, augment=True)
-    del dm
-    gc.collect()  # shuts persistent workers down, so their peak RSS is counted under RUSAGE_CHILDREN
-    out["rss_start_mib"], out["rss_main_mib"] = start_mib, _peak_rss_mib(resource.RUSAGE_SELF)
-    out["rss_worker_mib"] = _peak_rss_mib(resource.RUSAGE_CHILDREN) if out["workers"] else None
-    return out
+def loader_process(
+    conn: Connection, data: dict[str, Any], pipeline: str, workers: int, threads: int, warmup: float
+) -> None:
+    """A loader's own process: build it, then time one window per ``(seconds, augment)`` request received
+    until ``None`` arrives; finally send its peak RSS. Errors go back as ``("error", traceback)``."""
+    try:
+        torch.set_num_threads(threads)
+        start_mib = _peak_rss_mib(resource.RUSAGE_SELF)  # the imports, the same in every loader process
+        dm = ImagenetteDataModule(**{**data, "pipeline": pipeline, "num_workers": workers})
+        dm.setup("fit")
+        stream = _endless(dm)
+        _window(dm, stream, warmup, augment=False)
+        conn.send("ready")
+        while (request := conn.recv()) is not None:
+            conn.send(_window(dm, stream, *request))
+        stream.close()
+        del dm, stream
+        gc.collect()  # shuts persistent workers down, so their peak RSS is counted under RUSAGE_CHILDREN
+        conn.send(
+            {
+                "rss_start_mib": start_mib,
+                "rss_main_mib": _peak_rss_mib(resource.RUSAGE_SELF),
+                "rss_worker_mib": _peak_rss_mib(resource.RUSAGE_CHILDREN) if workers else None,
+            }
+        )
+    except Exception:  # reported by the parent, which names the loader; exit quietly here
+        conn.send(("error", traceback.format_exc()))
+
+
+def _receive(conn: Connection, what: str) -> Any:
+    reply = conn.recv()
+    if isinstance(reply, tuple) and reply[:1] == ("error",):
+        raise RuntimeError(f"the {what} loader process failed:\n{reply[1]}")
+    return reply
+
+
+def measure_loaders(
+    ctx: mp.context.BaseContext, runs: Sequence[tuple[str, int]], b: DictConfig, data: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Time the loaders of ``runs`` ((pipeline, workers) each, one process each) in turns.
+
+    Every process builds its loader and warms up; then they take turns, one timed window each per round
+    (order flipped every round), the others idle meanwhile: all see the same machine load, which on a
+    shared box swings a single loader's rate 2-3x within a minute. The cached process has a second slot
+    that also runs the batch augmentation on the CPU.
+    """
+    procs: list[tuple[str, Connection, mp.process.BaseProcess]] = []
+    try:
+        for pipeline, workers in runs:
+            parent, child = ctx.Pipe()
+            args = (child, data, pipeline, workers, b.loader_threads, float(b.loader_warmup))
+            proc = ctx.Process(target=loader_process, name=f"bench-{pipeline}-{workers}", args=args)
+            proc.start()
+            child.close()
+            procs.append((f"{pipeline} with {workers} workers", parent, proc))
+        for what, conn, _ in procs:
+            _receive(conn, what)  # built and warmed up
+        slots = [(i, False) for i in range(len(runs))]
+        slots += [(i, True) for i, (pipeline, _) in enumerate(runs) if pipeline == "cached"]
+        rates: dict[tuple[int, bool], list[float]] = {slot: [] for slot in slots}
+        for r in range(b.loader_windows):
+            for i, augment in slots if r % 2 == 0 else slots[::-1]:
+                what, conn, _ = procs[i]
+                conn.send((float(b.loader_seconds), augment))
+                rates[i, augment].append(_receive(conn, what)[0])
+        results = []
+        for i, (pipeline, workers) in enumerate(runs):
+            what, conn, proc = procs[i]
+            conn.send(None)  # stop: the process shuts its loader down and reports its peak RSS
+            out = {
+                "pipeline": pipeline,
+                "workers": workers,
+                "threads": b.loader_threads,
+                "images_per_s": statistics.median(rates[i, False]),
+                "window_images_per_s": rates[i, False],
+                **_receive(conn, what),
+            }
+            if (i, True) in rates:
+                out["augmented_images_per_s"] = statistics.median(rates[i, True])
+            results.append(out)
+            print(f"  loader {pipeline} workers={workers}: {out['images_per_s']:.0f} images/s", flush=True)
+        return results
+    finally:
+        for _, conn, proc in procs:
+            conn.close()  # a process still waiting for a request gets EOF and ends
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
 
 
 def bench_loaders(cfg: DictConfig) -> list[dict[str, Any]]:
-    """pil at each of ``pil_workers`` worker counts and cached in-process, each in a fresh process."""
+    """pil at 0 workers and cached (in-process), in turns; then pil at each other worker count alone."""
     b = cfg.bench
     data = OmegaConf.to_container(cfg.data, resolve=True)
     for pipeline in ("pil", "cached"):  # fetch/verify/build the cache here, outside the timed processes
         ImagenetteDataModule(**{**data, "pipeline": pipeline}).prepare_data()
-    # Fresh processes from a fork server that has only imported the libraries: every loader starts from
-    # the same baseline memory, and the imports (seconds on 2 cores) are paid once, not per loader.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__"])  # the server imports this script (and so its libraries) once
-    runs = [("pil", w) for w in b.pil_workers] + [("cached", 0)]
-    results = []
-    for pipeline, workers in runs:
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            job = pool.submit(
-                measure_loader,
-                data,
-                pipeline,
-                workers,
-                b.loader_threads,
-                b.loader_warmup,
-                float(b.loader_seconds),
-            )
-            results.append(job.result())
-        print(
-            f"  loader {pipeline} workers={workers}: {results[-1]['images_per_s']:.0f} images/s", flush=True
-        )
-    return results
+    # Forked from this process, which so far has only imported its libraries and prepared the data: every
+    # loader starts from the same baseline memory without paying the imports again (seconds on 2 cores).
+    # A process that has initialized CUDA cannot fork children that use it (pinned memory): spawn then.
+    ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
+    # pil workers keep decoding ahead while idle, so runs with workers are timed alone, not in turns
+    groups = [[("pil", 0), ("cached", 0)] if 0 in b.pil_workers else [("cached", 0)]]
+    groups += [[("pil", w)] for w in b.pil_workers if w]
+    return [r for group in groups for r in measure_loaders(ctx, group, b, data)]
 
 
 # ------------------------------------------------------------------------------------ training step
@@ -760,8 +814,11 @@ def _loader_section(rows_in: list[dict[str, Any]], cfg: DictConfig) -> str:
         "result",
     ]
     note = (
-        f"Timed for {b.loader_seconds:g} s after {b.loader_warmup} warm-up batches, page cache warm. The "
-        "cached pipeline ignores `num_workers` (it slices crops in the main process), so the target "
+        f"images/s = median of {b.loader_windows} windows of {b.loader_seconds:g} s, after "
+        f"{b.loader_warmup:g} s of untimed loading (a fresh process maps the cache file's pages during its "
+        "first epoch, a one-off), page cache warm. The 0-worker loaders take their windows in "
+        "turns (order flipped every round), so they see the same machine load; runs with workers are "
+        "timed alone (their workers would decode ahead during the others' windows). The cached pipeline ignores `num_workers` (it slices crops in the main process), so the target "
         f"compares it with pil at 0 workers: one process, one thread, each{versus}. On a GPU its "
         "flip/normalize/erase runs on the device (`gpu_transform`); the `+ BatchAugment` row does that on "
         "the CPU instead, which is what a CPU training run pays (it is inside the end-to-end numbers "

@@ -326,7 +326,8 @@ def build_report(runs: Sequence[Run], experiment: str | None = None, scale: str 
         tables["overfit"] = overfit_table(arms)
     figs = build_figures(arms, spec, scale)
     problems = [r for r in runs if not r.completed]
-    report = ExperimentReport(experiment, scale, spec, arms, tables, comps, figs, problems, read_provenance(runs))
+    prov = [p for p in read_provenance(runs) if p.get("experiment", experiment) == experiment]
+    report = ExperimentReport(experiment, scale, spec, arms, tables, comps, figs, problems, prov)
     report.markdown = render_markdown(report, runs)
     return report
 

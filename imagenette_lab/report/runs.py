@@ -152,11 +152,10 @@ def load_run(job_dir: Path) -> Run:
 
 
 def _job_dirs(root: Path) -> list[Path]:
+    """Job folders: those holding a ``metrics.json`` or Hydra's ``.hydra/`` (a job that died early)."""
     if (root / METRICS_FILE).is_file() or (root / ".hydra").is_dir():
         return [root]
-    found = {p.parent for p in root.rglob(METRICS_FILE)} | {p.parent for p in root.rglob(".hydra")}
-    # a single run's .hydra sits in the job folder itself; skip Hydra's own sweep-level folders
-    return sorted(d for d in found if (d / ".hydra").is_dir() or (d / METRICS_FILE).is_file())
+    return sorted({p.parent for p in root.rglob(METRICS_FILE)} | {p.parent for p in root.rglob(".hydra")})
 
 
 def load_runs(*paths: str | Path) -> list[Run]:
@@ -164,6 +163,7 @@ def load_runs(*paths: str | Path) -> list[Run]:
     but never started (status ``missing``)."""
     runs: list[Run] = []
     seen: set[Path] = set()
+    sweeps_seen: set[Path] = set()
     for p in paths:
         root = Path(p)
         if root.is_file() and root.name == METRICS_FILE:
@@ -176,7 +176,9 @@ def load_runs(*paths: str | Path) -> list[Run]:
                 runs.append(load_run(job))
         sweeps = [root] if (root / "multirun.yaml").is_file() else sorted(q.parent for q in root.rglob("multirun.yaml"))
         for sweep in sweeps:
-            runs.extend(missing_jobs(sweep, runs))
+            if sweep.resolve() not in sweeps_seen:
+                sweeps_seen.add(sweep.resolve())
+                runs.extend(missing_jobs(sweep, runs))
     return runs
 
 
