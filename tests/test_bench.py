@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench.py"
-OTHER_SECTION = "## GPU\n\nkept from an earlier CUDA run: 1,234 images/s\n"
+OTHER_SECTION = "## GPU: NVIDIA H200, 139 GiB\n\nkept from an earlier CUDA run: 1,234 images/s\n"
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,21 @@ def test_quick_preset_yields_to_explicit_arguments(bench: ModuleType) -> None:
     assert full.bench.batch_size is None and full.bench.output == "BENCHMARKS.md"
     bench.resolve_auto(full.bench)
     assert full.bench.batch_size in (8, 256) and full.bench.precision in ("fp32", "bf16")
+
+
+def test_update_markdown_replaces_its_section_and_stale_placeholders(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    path = tmp_path / "B.md"
+    bench.update_markdown(path, "cpu", "## CPU: first\n")
+    first = path.read_text()
+    assert "## CPU: first" in first and bench.NO_RUN["cuda"] in first  # no GPU run yet: the placeholder
+    bench.update_markdown(path, "cuda", "## GPU: H200\n")
+    bench.update_markdown(path, "cpu", "## CPU: second\n")
+    text = path.read_text()
+    assert "## GPU: H200" in text and "## CPU: second" in text and "first" not in text
+    assert bench.NO_RUN["cuda"] not in text and text.count("<!-- bench:cpu:start -->") == 1
+    # an old placeholder (no device in its title) is rewritten with the current one
+    path.write_text(text.replace("## GPU: H200", "## GPU\n\nold wording"))
+    bench.update_markdown(path, "cpu", "## CPU: third\n")
+    assert "old wording" not in path.read_text() and bench.NO_RUN["cuda"] in path.read_text()
