@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -298,24 +297,3 @@ def test_lightning_calls_the_device_hook(tmp_path: Path, mini_root: Path) -> Non
     assert all(dtype == torch.float32 for _, dtype, _ in probe.seen)
     assert all(erased == 8 for _, _, erased in train)  # erase_p=1: every training image has its box
     assert all(erased == 0 for _, _, erased in val)  # validation: normalize only
-
-
-def test_loader_speed_beats_reference(tmp_path: Path, mini_root: Path) -> None:
-    """Sanity floor for the lead's benchmark: the cached loader (report sizes) is far faster than pil."""
-
-    def rate(pipeline: str, batches: int) -> float:
-        dm = ready(ImagenetteDataModule(root=mini_root, data_dir=tmp_path, pipeline=pipeline, num_workers=0))
-        it = iter(dm.train_dataloader())
-        next(it)  # warm-up: first batch pays for opening files
-        start = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        return 32 * batches / (time.perf_counter() - start)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    try:
-        pil, cached = rate("pil", 3), rate("cached", 5)
-    finally:
-        torch.set_num_threads(threads)
-    assert cached > 10 * pil, f"cached {cached:.0f} img/s vs pil {pil:.0f} img/s"
