@@ -67,7 +67,7 @@ def main(cfg: DictConfig) -> float | None:
     callbacks = [c for c in callbacks if not (isinstance(c, ProgressBar) and not cfg.trainer.enable_progress_bar)
                  and not (isinstance(c, ModelSummary) and not cfg.trainer.enable_model_summary)]
     resume_epoch = ckpt["epoch"] + 1 if resume else None  # epochs finished before the interruption
-    loggers = [EpochCSVLogger(run_dir, resume_epoch=resume_epoch or 0), *P.make_loggers(cfg, run_dir)]
+    loggers = [EpochCSVLogger(run_dir, resume_epoch=resume_epoch), *P.make_loggers(cfg, run_dir)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in ("compile", "channels_last"):  # LightningModule settings kept in the trainer group
         trainer_cfg.pop(key)
@@ -87,6 +87,7 @@ def main(cfg: DictConfig) -> float | None:
             trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         else:
             trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        P.log_wandb_summary(trainer.loggers, module, list(module.class_names))
     except RunInterrupted as stop:
         log.warning("%s: metrics.json says 'interrupted'; rerun the same command to resume", stop)
         sys.exit(128 + stop.signum)
@@ -97,14 +98,14 @@ def main(cfg: DictConfig) -> float | None:
         return None  # a failed job must not stop the rest of an overnight sweep
     finally:
         restore_signals()
+        P.finish_wandb()
 
     recorder.status = "completed"
     result = recorder.snapshot(trainer, module, trainer.current_epoch if cfg.mode == "train" else 0)
     result["last_epoch"] = last_epoch if cfg.mode == "train" else None
-    result["evaluated_checkpoint"] = Path(best or cfg.ckpt_path or "").name if cfg.mode == "train" else str(cfg.ckpt_path)
+    result["evaluated_checkpoint"] = Path(best).name if cfg.mode == "train" else str(cfg.ckpt_path)
     result["class_names"] = list(module.class_names)
     recorder.write(result)
-    P.finish_wandb(trainer.loggers, module, list(module.class_names))
     log.info("val/acc %.4f (best checkpoint) | results: %s", result["final"].get("val/acc", float("nan")), run_dir)
     return result["final"].get("val/acc")
 

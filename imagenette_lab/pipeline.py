@@ -206,9 +206,8 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return loggers
 
 
-def finish_wandb(loggers: list[Any], module: Any, class_names: list[str]) -> None:
-    """Per-class accuracy table and confusion matrix to W&B, then ``wandb.finish()`` so multirun jobs
-    never share a run."""
+def log_wandb_summary(loggers: list[Any], module: Any, class_names: list[str]) -> None:
+    """Per-class accuracy table and confusion matrix of the final validation to W&B."""
     from lightning.pytorch.loggers import WandbLogger
 
     for lg in loggers:
@@ -230,7 +229,14 @@ def finish_wandb(loggers: list[Any], module: Any, class_names: list[str]) -> Non
             lg.experiment.log(
                 {"val/confusion_matrix": wandb.plot.confusion_matrix(y_true=y_true, preds=y_pred, class_names=class_names)}
             )
-        wandb.finish()
+
+
+def finish_wandb() -> None:
+    """``wandb.finish()`` after every job, failed or interrupted ones too, so multirun jobs never share a run."""
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
 
 
 # ------------------------------------------------------------------------------------------ resume
