@@ -79,7 +79,7 @@ def curves_figure(arms: Sequence[Arm], title: str, panels: Sequence[Panel] = (AC
         else:
             ax.xaxis.get_major_locator().set_params(integer=True)
     if any(ax.has_data() for ax in axes):
-        axes[0].legend(fontsize="small")
+        axes[0].legend(fontsize="small", title="mean over seeds; band: ±1 std", title_fontsize="small")
     return fig
 
 
