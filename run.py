@@ -5,6 +5,7 @@ Examples::
     python run.py                                        # the report's hybrid, report recipe
     python run.py -m model=hybrid,resnet50 act=mish,relu6 seed=1,2,3
     python run.py mode=eval ckpt_path=logs/runs/.../checkpoints/last.ckpt
+    python run.py --cfg job                              # print the composed config and exit
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning.pytorch as pl
@@ -21,62 +23,138 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from imagenette_lab import pipeline as P
 from imagenette_lab.callbacks import EpochCSVLogger, RunInterrupted, RunRecorder, install_signal_handlers
+from imagenette_lab.config_checks import resolve_runtime, validate_config
+from imagenette_lab.loggers import finish_wandb, log_wandb_summary, make_loggers
 from imagenette_lab.models import count_params
+from imagenette_lab.provenance import attempt_record
 from imagenette_lab.resolvers import register as register_resolvers
+from imagenette_lab.run_identity import (
+    Plan,
+    RunIdentityError,
+    data_identity,
+    fingerprint,
+    load_checkpoint,
+    model_signature,
+    plan_run,
+    redacted,
+    task_overrides,
+    write_identity,
+)
+from imagenette_lab.run_lock import RunBusyError, RunLock
 
 # Read by conf/paths and conf/hydra when Hydra composes the config (at main() call time).
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 register_resolvers()
+# Rank 0 tells the processes Lightning starts for the other DDP ranks which checkpoint it resumes from.
+RESUME_ENV = "IMAGENETTE_LAB_RESUME"
 
 log = logging.getLogger("imagenette_lab")
 
 
+def save_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """What Hydra's ``output_subdir`` would save, written only once this process owns the folder."""
+    out = run_dir / ".hydra"
+    out.mkdir(exist_ok=True)
+    hydra_cfg = HydraConfig.get()
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), out / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.overrides.task, out / "overrides.yaml")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    P.validate_config(cfg)  # before any data is touched
-    P.resolve_runtime(cfg)
+    validate_config(cfg)  # before any data is touched
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info("output folder: %s", run_dir)
-    status = P.previous_status(run_dir)
-    last_ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if cfg.mode == "train" and status == "completed":
-        log.info("already completed in %s: skipping (delete metrics.json or use another folder to rerun)", run_dir)
-        return json.loads((run_dir / "metrics.json").read_text())["best"]["val/acc"]
-    resume = last_ckpt if cfg.mode == "train" and last_ckpt.is_file() else None
-    ckpt = P.check_checkpoint(resume or Path(cfg.ckpt_path), cfg) if resume or cfg.mode == "eval" else None
-    pl.seed_everything(cfg.seed, workers=True)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if rank_zero_only.rank != 0:  # a DDP rank started by rank 0, which owns the folder
+        return run(cfg, run_dir, lead=False)
+    try:
+        with RunLock(run_dir):
+            save_hydra_files(run_dir, cfg)
+            return run(cfg, run_dir, lead=True)
+    except (RunBusyError, RunIdentityError) as err:
+        log.error("%s", err)
+        if multirun:
+            return None  # the other jobs of the sweep go on
+        sys.exit(2)
 
+
+def run(cfg: DictConfig, run_dir: Path, lead: bool) -> float | None:
+    resolve_runtime(cfg)
+    log.info("output folder: %s", run_dir)
+    train = cfg.mode == "train"
+    fp = fingerprint(cfg, data={})
+    if lead and train:
+        plan_run(run_dir, fp, cfg.rerun)  # refuses a config/code mismatch before the data is prepared
+    pl.seed_everything(cfg.seed, workers=True)
     net = instantiate(cfg.model)  # bad flag/model combinations fail here, before any data is touched
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    fp["data"] = data_identity(datamodule)
+    plan = Plan("fresh")
+    if not train:
+        load_checkpoint(Path(cfg.ckpt_path), cfg)
+    elif lead:
+        plan = plan_run(run_dir, fp, "accept_code" if cfg.rerun == "accept_code" else "strict")
+        for note in plan.notes:
+            log.warning("%s", note)
+        if plan.action == "skip":
+            result = json.loads((run_dir / "metrics.json").read_text())
+            log.info("already completed in %s with the same config, data and code: skipping (val/acc %.4f)",
+                     run_dir, result["final"].get("val/acc", float("nan")))
+            return result["final"].get("val/acc")
+        if plan.checkpoint is not None:
+            load_checkpoint(plan.checkpoint, cfg)  # a damaged last.ckpt is named here, before anything is written
+            os.environ[RESUME_ENV] = str(plan.checkpoint)
+        else:
+            os.environ.pop(RESUME_ENV, None)
+    else:
+        resume_path = os.environ.get(RESUME_ENV)
+        plan = Plan("resume", checkpoint=Path(resume_path)) if resume_path else plan
+    resume = plan.checkpoint if train else None
+
+    attempts = [*plan.attempts, attempt_record(plan.action, from_epoch=plan.epochs_done if resume else 0)]
+    if lead and train:
+        write_identity(run_dir, fp, attempts)
     module = instantiate(
         cfg.module, _convert_="all", net=net, optimizer=instantiate(cfg.optim), scheduler=instantiate(cfg.sched),
-        num_classes=cfg.data.num_classes, hparams={"signature": P.model_signature(cfg)},
+        num_classes=cfg.data.num_classes, hparams={"signature": model_signature(cfg)},
     )
     base = {
-        "mode": cfg.mode, "run_dir": str(run_dir), "overrides": P.task_overrides(), "model": cfg.model.name,
+        "mode": cfg.mode, "run_dir": run_dir.name, "overrides": task_overrides(), "model": cfg.model.name,
         "experiment": cfg.get("experiment_name"), "seed": cfg.seed, "max_epochs": cfg.trainer.max_epochs,
-        "params": count_params(net), **P.git_revision(), "config": OmegaConf.to_container(cfg, resolve=True),
+        "params": count_params(net), **attempts[-1], "attempts": attempts, "data": fp["data"],
+        "code": fp["code"], "config": redacted(OmegaConf.to_container(cfg, resolve=True)),
     }
     recorder = RunRecorder(run_dir, base)
+    trainer = make_trainer(cfg, run_dir, recorder, resume_epoch=plan.epochs_done if resume else None)
+    if resume:
+        log.info("resuming from %s (%d epochs already done; status was %s)", resume, plan.epochs_done,
+                 plan.previous_status)
+    return fit_and_record(cfg, trainer, module, datamodule, recorder, resume)
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, resume_epoch: int | None) -> pl.Trainer:
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()] + [recorder]
     # trainer.enable_progress_bar / enable_model_summary=false switch the configured callbacks off too.
     callbacks = [c for c in callbacks if not (isinstance(c, ProgressBar) and not cfg.trainer.enable_progress_bar)
                  and not (isinstance(c, ModelSummary) and not cfg.trainer.enable_model_summary)]
-    resume_epoch = ckpt["epoch"] + 1 if resume else None  # epochs finished before the interruption
-    loggers = [EpochCSVLogger(run_dir, resume_epoch=resume_epoch), *P.make_loggers(cfg, run_dir)]
+    loggers = [EpochCSVLogger(run_dir, resume_epoch=resume_epoch), *make_loggers(cfg, run_dir)]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in ("compile", "channels_last"):  # LightningModule settings kept in the trainer group
         trainer_cfg.pop(key)
-    trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
-    if resume:
-        log.info("resuming from %s (%d epochs already done; status was %s)", resume, resume_epoch, status)
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
 
-    restore_signals = install_signal_handlers()
-    best, last_epoch = "", {}
+
+def fit_and_record(cfg: DictConfig, trainer: pl.Trainer, module: Any, datamodule: Any, recorder: RunRecorder,
+                   resume: Path | None) -> float | None:
+    signals = install_signal_handlers()
+    best, last_epoch, exit_code = "", {}, 0
     try:
         if cfg.mode == "train":
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
@@ -87,18 +165,23 @@ def main(cfg: DictConfig) -> float | None:
             trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         else:
             trainer.validate(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        P.log_wandb_summary(trainer.loggers, module, list(module.class_names))
+        log_wandb_summary(trainer.loggers, module, list(module.class_names))
     except RunInterrupted as stop:
+        exit_code = 128 + stop.signum
         log.warning("%s: metrics.json says 'interrupted'; rerun the same command to resume", stop)
-        sys.exit(128 + stop.signum)
+        finish_wandb(exit_code)
+        signals.restore()
+        signals.hand_on(stop.signum)  # submitit (SLURM): checkpoint the job and requeue it
+        sys.exit(exit_code)
     except Exception as err:
+        exit_code = 1
         log.error("run failed (metrics.json says 'failed'; last.ckpt kept): %s: %s", type(err).__name__, err)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
         return None  # a failed job must not stop the rest of an overnight sweep
     finally:
-        restore_signals()
-        P.finish_wandb()
+        signals.restore()
+        finish_wandb(exit_code)
 
     recorder.status = "completed"
     result = recorder.snapshot(trainer, module, trainer.current_epoch if cfg.mode == "train" else 0)
@@ -106,7 +189,8 @@ def main(cfg: DictConfig) -> float | None:
     result["evaluated_checkpoint"] = Path(best).name if cfg.mode == "train" else str(cfg.ckpt_path)
     result["class_names"] = list(module.class_names)
     recorder.write(result)
-    log.info("val/acc %.4f (best checkpoint) | results: %s", result["final"].get("val/acc", float("nan")), run_dir)
+    log.info("val/acc %.4f (best checkpoint) | results: %s", result["final"].get("val/acc", float("nan")),
+             recorder.path.parent)
     return result["final"].get("val/acc")
 
 

@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,33 +35,57 @@ class RunInterrupted(BaseException):
         self.signum = signum
 
 
-def install_signal_handlers() -> Callable[[], None]:
-    """Turn SIGTERM and SIGINT into :class:`RunInterrupted`; returns a function restoring the old handlers.
+# SIGTERM: plain kills and SLURM's end of job; SIGINT: Ctrl-C; SIGUSR2: SLURM's pre-timeout/preemption
+# warning as submitit configures it (--signal=USR2@<signal_delay_s>).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
+class SignalHandlers:
+    """Turns :data:`STOP_SIGNALS` into :class:`RunInterrupted` while installed, keeping the handlers they
+    replaced so the run can hand the signal on (to submitit's checkpoint-and-requeue) once its state is safe.
 
     Installed before ``trainer.fit`` so Lightning's own SIGTERM notifier chains to it.
     """
 
-    def handler(signum: int, _frame: Any) -> None:
+    def __init__(self) -> None:
+        self.previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._raise)
+
+    @staticmethod
+    def _raise(signum: int, _frame: Any) -> None:
         raise RunInterrupted(signum)
 
-    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in old:
-        signal.signal(s, handler)
-
-    def restore() -> None:
-        for s, h in old.items():
+    def restore(self) -> None:
+        for s, h in self.previous.items():
             signal.signal(s, h)
 
-    return restore
+    def hand_on(self, signum: int) -> None:
+        """Call the handler this one replaced for ``signum`` when it is a Python function (submitit's
+        requeue for SIGUSR2 on a cluster); a default or ignored handler does nothing here."""
+        previous = self.previous.get(signal.Signals(signum))
+        if callable(previous) and previous not in (signal.default_int_handler,):
+            previous(signum, None)
+
+
+def install_signal_handlers() -> SignalHandlers:
+    """Install :class:`SignalHandlers`; call ``.restore()`` when the run is over."""
+    return SignalHandlers()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file + rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them (crash safety)
+        os.replace(tmp, path)
+    except BaseException:  # a stop signal can land here: leave no temp file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_epochs_csv(path: Path) -> list[dict[str, Any]]:

@@ -21,8 +21,8 @@ def job_gpu() -> int:
 
 
 def register() -> None:
-    from imagenette_lab.pipeline import safe_dirname
+    from imagenette_lab.run_identity import job_dirname
 
-    OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)
+    OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
     OmegaConf.register_new_resolver("cuda_device_count", cuda_device_count, replace=True)
     OmegaConf.register_new_resolver("job_gpu", job_gpu, replace=True)

@@ -11,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from imagenette_lab.pipeline import validate_config
+from imagenette_lab.config_checks import validate_config
 from imagenette_lab.report import EXPERIMENTS, expand_sweep, load_runs, make_arms, render
 from imagenette_lab.report.build import published_for
 from imagenette_lab.report.runs import natural_key

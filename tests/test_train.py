@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
 
 from imagenette_lab.callbacks import read_epochs_csv
-from imagenette_lab.pipeline import ConfigError, validate_config
+from imagenette_lab.config_checks import ConfigError, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,11 +232,13 @@ def test_eval_refuses_checkpoint_of_another_model(tmp_path: Path, mini_archive: 
                    "logger=csv"], tmp_path, check=False)
     assert bad.returncode != 0
     assert "does not match" in bad.stderr + bad.stdout and "model.name" in bad.stderr + bad.stdout
-    good = run_cli([*TINY, *SMALL_HYBRID, "mode=eval", f"ckpt_path={ckpt}", f"data.archive={mini_archive}",
-                    "logger=csv"], tmp_path)
-    assert good.returncode == 0
-    evals = [json.loads((r / "metrics.json").read_text()) for r in run_dirs(tmp_path / "logs")]
-    assert any(m["mode"] == "eval" and m["status"] == "completed" for m in evals)
+    run_cli([*TINY, *SMALL_HYBRID, "mode=eval", f"ckpt_path={ckpt}", f"data.archive={mini_archive}", "logger=csv"],
+            tmp_path)
+    (evaluated,) = [r for r in run_dirs(tmp_path / "logs") if r != run]
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["mode"] == "eval" and metrics["status"] == "completed"
+    assert evaluated.name.startswith("eval-last-") and run.name[:30] in evaluated.name  # named after the ckpt
+    assert json.loads((run / "metrics.json").read_text())["mode"] == "train"  # the training folder is untouched
 
 
 def test_config_tree_groups() -> None:
@@ -249,7 +251,18 @@ def test_config_tree_groups() -> None:
     assert {"csv", "wandb", "both"} <= stems["logger"]
     for name in ("sgd", "adamw"):
         assert compose_cfg([f"optim={name}"]).optim._target_.startswith("torch.optim.")
-    OmegaConf.resolve(compose_cfg(["sched=onecycle"]).sched)
+    # the one-cycle schedule as the module builds it: warm-up to optim.lr, then anneal far below it
+    cfg = compose_cfg(["sched=onecycle", "optim.lr=0.01"])
+    optimizer = instantiate(cfg.optim)(params=[torch.nn.Parameter(torch.zeros(1))])
+    scheduler = instantiate(cfg.sched.scheduler)(optimizer=optimizer, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = max(range(100), key=lrs.__getitem__)
+    assert lrs[0] == pytest.approx(0.01 / 25) and lrs[peak] == pytest.approx(0.01) and 20 <= peak <= 30
+    assert lrs[-1] < 1e-5 and cfg.sched.interval == "step"
 
 
 @pytest.mark.slow

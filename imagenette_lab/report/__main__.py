@@ -1,4 +1,5 @@
-"""``python -m imagenette_lab.report SWEEP_DIR... [--out DIR] [--wandb ENTITY/PROJECT] [--experiment NAME]``:
+"""``python -m imagenette_lab.report SWEEP_DIR... [--out DIR] [--wandb ENTITY/PROJECT] [--wandb-offline DIR]
+[--experiment NAME]``:
 render every experiment found (offline from run folders, or from W&B) to ``DIR/<scale>/<experiment>.md``."""
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep_dirs", nargs="*", help="sweep folders, e.g. logs/multiruns/table1/quick or logs/multiruns")
     ap.add_argument("--out", default="docs/results", help="output folder; artefacts go to OUT/<scale>/")
     ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs logged to this W&B project")
+    ap.add_argument("--wandb-offline", metavar="FOLDER", action="append", default=[],
+                    help="read the offline W&B run files under FOLDER instead of the run folders (repeatable)")
     ap.add_argument("--experiment", action="append", default=[], help="only these experiments (repeatable)")
     ap.add_argument("--check", action="store_true", help="print the tables only, write nothing")
     args = ap.parse_args(argv)
-    if not args.sweep_dirs and not args.wandb:
-        ap.error("give at least one SWEEP_DIR (e.g. logs/multiruns) or --wandb ENTITY/PROJECT")
+    if not args.sweep_dirs and not args.wandb and not args.wandb_offline:
+        ap.error("give at least one SWEEP_DIR (e.g. logs/multiruns), --wandb ENTITY/PROJECT or --wandb-offline DIR")
     try:
         if args.check:
             runs = [r for r in load_runs(*args.sweep_dirs)
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             for report in build_reports(runs):
                 print(f"\n## {report.experiment} ({report.scale})\n\n{report.tables['accuracy'].markdown()}")
             return 0
-        for path in render(args.sweep_dirs, args.out, args.wandb, args.experiment):
+        for path in render(args.sweep_dirs, args.out, args.wandb, args.experiment, args.wandb_offline):
             print(path)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from imagenette_lab.provenance import PROVENANCE_FILE  # one JSON line per multirun, in the sweep folder
+
 from . import figures as F
 from .experiments import ExperimentSpec, Published, spec_for
 from .runs import Arm, Run, fixed_overrides, group_runs, make_arms, seeds_of, slug, swept_keys
 from .stats import Comparison, Summary, summarize, welch
 from .tables import Table
 
-PROVENANCE_FILE = "provenance.jsonl"  # one JSON line per `python -m imagenette_lab.report.sweep` invocation
 DEFAULT_THRESHOLDS = (0.80, 0.85, 0.90)  # the module's default time-to-accuracy thresholds
 
 
@@ -297,9 +298,13 @@ def _provenance_lines(prov: Sequence[dict[str, Any]]) -> list[str]:
     for p in prov:
         machine = p.get("machine") or {}
         where = ", ".join(str(machine[k]) for k in ("cpu", "cores", "gpu", "os") if machine.get(k))
+        if "jobs" in p:
+            ended = "jobs " + ", ".join(f"{n} {status}" for status, n in p["jobs"].items())
+        else:  # lines written before the Hydra callback recorded job statuses
+            ended = f"exit code {p.get('returncode')}"
         lines.append(
             f"- `{p.get('make') or p.get('command')}` — {p.get('started', '?')}, took {_fmt_seconds(p.get('seconds'))} "
-            f"(h:mm:ss), exit code {p.get('returncode')}; machine: {where or 'unknown'}"
+            f"(h:mm:ss), {ended}; machine: {where or 'unknown'}"
         )
         if p.get("make") and p.get("command"):
             lines.append(f"  - ran: `{p['command']}`")
@@ -412,15 +417,18 @@ def render(
     out_dir: str | Path = "docs/results",
     wandb_path: str | None = None,
     experiments: Sequence[str] = (),
+    wandb_offline: Sequence[str | Path] = (),
 ) -> list[Path]:
-    """Load runs (from folders and/or W&B), build every artefact and write them to ``out_dir/<scale>/``."""
+    """Load runs (from folders, W&B online and/or offline W&B run files), build every artefact and write
+    them to ``out_dir/<scale>/``."""
     from .runs import load_runs
+    from .wandb_source import load_offline_wandb_runs, load_wandb_runs
 
     runs = load_runs(*sweep_dirs) if sweep_dirs else []
     if wandb_path:
-        from .wandb_source import load_wandb_runs
-
         runs += load_wandb_runs(wandb_path, experiments)
+    if wandb_offline:
+        runs += load_offline_wandb_runs(*wandb_offline)
     if experiments:
         runs = [r for r in runs if r.experiment in experiments]
     if not runs:

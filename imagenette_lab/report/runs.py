@@ -27,7 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from imagenette_lab.callbacks import EPOCHS_FILE, METRICS_FILE, read_epochs_csv
-from imagenette_lab.pipeline import LOCATION_KEYS
+from imagenette_lab.run_identity import SUPERSEDED_DIR, is_location_key
 
 COMPLETED = "completed"
 SEED_KEY = "seed"
@@ -45,7 +45,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
     """Hydra override strings as ``{key: value}``, location-only keys (paths, archive...) dropped."""
     out: dict[str, str] = {}
     for item in overrides:
-        if item.lstrip("+~").startswith(LOCATION_KEYS):
+        if is_location_key(override_key(item)):
             continue
         key = override_key(item)
         out[key] = item.split("=", 1)[1] if "=" in item else ""
@@ -155,7 +155,8 @@ def _job_dirs(root: Path) -> list[Path]:
     """Job folders: those holding a ``metrics.json`` or Hydra's ``.hydra/`` (a job that died early)."""
     if (root / METRICS_FILE).is_file() or (root / ".hydra").is_dir():
         return [root]
-    return sorted({p.parent for p in root.rglob(METRICS_FILE)} | {p.parent for p in root.rglob(".hydra")})
+    found = {p.parent for p in root.rglob(METRICS_FILE)} | {p.parent for p in root.rglob(".hydra")}
+    return sorted(p for p in found if SUPERSEDED_DIR not in p.relative_to(root).parts)  # rerun=restart's old results
 
 
 def load_runs(*paths: str | Path) -> list[Run]:

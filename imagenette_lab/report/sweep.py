@@ -2,53 +2,29 @@
 
 ``python -m imagenette_lab.report.sweep EXPERIMENT [--scale quick] [--seeds 1,2,3] [-- OVERRIDES...]``
 is what ``make <experiment>`` calls. It runs ``run.py -m experiment=EXPERIMENT scale=SCALE ...``, appends one
-line to ``<sweep dir>/provenance.jsonl`` (the command, the machine, start time, wall time, exit code) which
-the rendered page quotes, and renders ``<out>/<scale>/<experiment>.md`` even when a job failed (the failure
+line to ``<sweep dir>/provenance.jsonl`` (through run.py's Hydra callback: the command, the machine, start
+time, wall time, job statuses) which the rendered page quotes, and renders ``<out>/<scale>/<experiment>.md`` even when a job failed (the failure
 is then listed on the page). The exit code is run.py's.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from imagenette_lab.pipeline import PROJECT_ROOT, git_revision
+from imagenette_lab.provenance import MAKE_ENV, PROJECT_ROOT
 
-from .build import PROVENANCE_FILE, render
+from .build import render
 
 CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def experiments_available() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-
-
-def machine() -> dict[str, Any]:
-    """What the sweep ran on: CPU model and cores, GPU, OS and library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu, "cores": f"{os.cpu_count()} cores", "gpu": gpu or "no GPU", "os": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-    }
 
 
 def sweep_dir(overrides: list[str]) -> Path:
@@ -85,19 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"seed={args.seeds}")
     cmd = [sys.executable, str(PROJECT_ROOT / "run.py"), "-m", *overrides]
     folder = sweep_dir(overrides)
-    started = dt.datetime.now(dt.timezone.utc)
-    t0 = time.perf_counter()
     print(f"[sweep] {shlex.join(cmd)}\n[sweep] results: {folder}", flush=True)
-    rc = subprocess.call(cmd, cwd=PROJECT_ROOT)
-    record = {
-        "experiment": args.experiment, "scale": args.scale, "make": args.make or None,
-        "command": shlex.join(["python", "run.py", "-m", *overrides]),
-        "started": started.isoformat(timespec="seconds"), "seconds": round(time.perf_counter() - t0, 1),
-        "returncode": rc, "machine": machine(), **git_revision(),
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / PROVENANCE_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    # run.py's Hydra callback (provenance.SweepProvenance) appends the provenance line; it names the make
+    # command when told through the environment.
+    env = {**os.environ, **({MAKE_ENV: args.make} if args.make else {})}
+    rc = subprocess.call(cmd, cwd=PROJECT_ROOT, env=env)
     if not args.no_render and any(folder.rglob("metrics.json")):
         for path in render([folder], args.out, experiments=[args.experiment]):
             print(f"[sweep] wrote {path}")

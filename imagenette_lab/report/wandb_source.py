@@ -1,13 +1,18 @@
-"""The same runs from W&B (``--wandb ENTITY/PROJECT``), for users who logged online.
+"""The same runs from W&B: online (``--wandb ENTITY/PROJECT``, the W&B public API fetches them) or from
+offline run files (``--wandb-offline FOLDER``, read here: wandb 0.31's Python package ships no reader).
 
-``run.py`` logs each job to W&B with group = experiment, tags = the job's overrides and config = the full
-resolved config, and ``epochs.csv``'s metrics per epoch; this maps such a W&B run onto :class:`Run` so the
-report is built exactly as from folders. The W&B public API does the fetching.
+``run.py`` logs each job to W&B with group = experiment/scale, config = the resolved config plus the job's
+``overrides`` (as data; tags only label), ``epochs.csv``'s metrics per epoch, and a non-zero exit code when
+the job failed or was interrupted; this maps such a W&B run onto :class:`Run` so the report is built
+exactly as from folders, with failed runs listed, not averaged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import json
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .runs import Run, parse_overrides
@@ -45,7 +50,7 @@ def run_from_wandb(
 ) -> Run:
     """A :class:`Run` from the parts of a W&B run (the public API's ``state``, ``tags``, ``group``,
     ``config``, ``summary`` and ``scan_history()``)."""
-    overrides = [t for t in tags if "=" in t]
+    overrides = list(config.get("overrides") or [])
     parsed = parse_overrides(overrides)
     epochs = epochs_from_history(history)
     final = {k: float(v) for k, v in summary.items() if k.startswith(_FINAL_PREFIXES) and isinstance(v, int | float)}
@@ -76,7 +81,7 @@ def load_wandb_runs(path: str, experiments: Sequence[str] = ()) -> list[Run]:
     import wandb
 
     api = wandb.Api()
-    filters = {"group": {"$in": list(experiments)}} if experiments else None
+    filters = {"config.experiment_name": {"$in": list(experiments)}} if experiments else None
     return [
         run_from_wandb(
             f"wandb:{path}/{r.id}", r.state, list(r.tags), r.group, dict(r.config), dict(r.summary_metrics),
@@ -84,3 +89,79 @@ def load_wandb_runs(path: str, experiments: Sequence[str] = ()) -> list[Run]:
         )
         for r in api.runs(path, filters=filters)
     ]
+
+
+# ------------------------------------------------------------------------------------------ offline files
+_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) records
+_HEADER = struct.Struct("<IHB")
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The protobuf records of an offline ``run-<id>.wandb`` file, in order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    pos, pending = 7, b""
+    while pos + _HEADER.size <= len(data):
+        if _BLOCK - pos % _BLOCK < _HEADER.size:  # block trailer too short for a header: zero padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        _crc, length, kind = _HEADER.unpack_from(data, pos)
+        pos += _HEADER.size
+        chunk, pos = data[pos : pos + length], pos + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
+        if kind in (_FULL, _LAST):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def _item_key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _config_items(items: Iterable[Any]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        value = json.loads(item.value_json)
+        out[_item_key(item)] = value["value"] if isinstance(value, dict) and set(value) == {"value"} else value
+    return out
+
+
+def run_from_wandb_file(path: Path) -> Run:
+    """A :class:`Run` from an offline W&B run file: its config, history, summary and exit code (a run
+    without an exit record died without finishing: ``crashed``)."""
+    config: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    group, tags, exit_code = None, [], None
+    for rec in wandb_records(path):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            group, tags = rec.run.run_group, list(rec.run.tags)
+            config.update(_config_items(rec.run.config.update))
+        elif kind == "config":
+            config.update(_config_items(rec.config.update))
+        elif kind == "history":
+            history.append({_item_key(i): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            summary.update({_item_key(i): json.loads(i.value_json) for i in rec.summary.update})
+        elif kind == "exit":
+            exit_code = rec.exit.exit_code
+    # 128 + N is how run.py exits after signal N (preemption, Ctrl-C): interrupted, not broken
+    state = ("crashed" if exit_code is None else "finished" if exit_code == 0
+             else "killed" if exit_code > 128 else "failed")
+    run = run_from_wandb(f"wandb-offline:{path.parent.name}", state, tags, group, config, summary, history)
+    run.metrics["exit_code"] = exit_code
+    return run
+
+
+def load_offline_wandb_runs(*folders: str | Path) -> list[Run]:
+    """Every offline W&B run file under ``folders`` (e.g. a sweep folder: each job keeps ``wandb/``)."""
+    files = sorted({p for f in folders for p in Path(f).rglob("offline-run-*/run-*.wandb")})
+    return [run_from_wandb_file(p) for p in files]
