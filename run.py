@@ -140,7 +140,9 @@ def run(cfg: DictConfig, run_dir: Path, lead: bool) -> float | None:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, resume_epoch: int | None) -> pl.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()] + [recorder]
+    # The recorder first: its epoch-start hook releases stop signals held since the last epoch end before
+    # any other callback runs (Lightning moves the checkpoint callbacks after all others itself).
+    callbacks = [recorder] + [instantiate(c) for c in (cfg.callbacks or {}).values()]
     # trainer.enable_progress_bar / enable_model_summary=false switch the configured callbacks off too.
     callbacks = [c for c in callbacks if not (isinstance(c, ProgressBar) and not cfg.trainer.enable_progress_bar)
                  and not (isinstance(c, ModelSummary) and not cfg.trainer.enable_model_summary)]

@@ -48,17 +48,25 @@ class SignalHandlers:
     """
 
     def __init__(self) -> None:
+        global _ACTIVE
         self.previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        self.held = False  # while True a signal is noted, not raised (see hold_signals)
+        self.pending: int | None = None
         for s in STOP_SIGNALS:
             signal.signal(s, self._raise)
+        _ACTIVE = self
 
-    @staticmethod
-    def _raise(signum: int, _frame: Any) -> None:
+    def _raise(self, signum: int, _frame: Any) -> None:
+        if self.held:
+            self.pending = signum
+            return
         raise RunInterrupted(signum)
 
     def restore(self) -> None:
+        global _ACTIVE
         for s, h in self.previous.items():
             signal.signal(s, h)
+        _ACTIVE = None
 
     def hand_on(self, signum: int) -> None:
         """Call the handler this one replaced for ``signum`` when it is a Python function (submitit's
@@ -68,9 +76,29 @@ class SignalHandlers:
             previous(signum, None)
 
 
+_ACTIVE: SignalHandlers | None = None
+
+
 def install_signal_handlers() -> SignalHandlers:
     """Install :class:`SignalHandlers`; call ``.restore()`` when the run is over."""
     return SignalHandlers()
+
+
+def hold_signals() -> None:
+    """From an epoch's checkpoint until the next epoch starts, a stop signal waits: Lightning logs the
+    epoch's training metrics after the checkpoint, and a stop in between would lose that epochs.csv row
+    although the resume (from that checkpoint) never redoes the epoch."""
+    if _ACTIVE is not None:
+        _ACTIVE.held = True
+
+
+def release_signals() -> None:
+    """End :func:`hold_signals`; a signal that arrived meanwhile is raised now."""
+    if _ACTIVE is not None:
+        _ACTIVE.held = False
+        if _ACTIVE.pending is not None:
+            signum, _ACTIVE.pending = _ACTIVE.pending, None
+            raise RunInterrupted(signum)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -208,8 +236,17 @@ class RunRecorder(pl.Callback):
         atomic_write_text(self.path, json.dumps(data, indent=2, default=str) + "\n")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # from here (before the checkpoint callbacks, which Lightning runs last) until the next epoch starts,
+        # a stop signal waits: the checkpoint and the epoch's row are written whole
+        hold_signals()
         if not trainer.sanity_checking:
             self.write(self.snapshot(trainer, pl_module, trainer.current_epoch + 1))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        release_signals()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        release_signals()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         interrupted = isinstance(exception, RunInterrupted | KeyboardInterrupt)

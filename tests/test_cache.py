@@ -6,7 +6,9 @@ variable-size images whole and the resize both shrinks and enlarges.
 
 from __future__ import annotations
 
+import gc
 import logging
+import pickle
 import random
 from pathlib import Path
 
@@ -101,6 +103,9 @@ def test_cache_keeps_variable_size_images_whole(tmp_path: Path, ragged_root: Pat
                 cache.image(i), np.asarray(load_resized(ragged_root / rel, RESIZE)).transpose(2, 0, 1)
             )
     assert len(shapes) > 50 and any(h > 2 * w for h, w in shapes) and any(w > 2 * h for h, w in shapes)
+    # a spawned DataLoader worker gets the cache pickled without its mapping and maps the same build
+    clone = pickle.loads(pickle.dumps(cache))
+    assert clone.directory == cache.directory and np.array_equal(clone.image(5), cache.image(5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -207,18 +212,22 @@ def test_cache_reuse_staleness_and_resize_sweep(
     caplog.set_level(logging.INFO, logger="imagenette_lab")
     dm = ready(make_dm(tmp_path, mini_copy))
     directory = cache_dir(tmp_path, mini_copy, "train", RESIZE)
-    stamp = (directory / "meta.json").stat().st_mtime_ns
+    first = dm.train_set.cache.directory
+    assert first.parent == directory and first.name.startswith("build-")
+    stamp = (first / "pixels.u8").stat().st_mtime_ns
     caplog.clear()
-    ready(make_dm(tmp_path, mini_copy))
-    assert "reusing cache" in caplog.text and (directory / "meta.json").stat().st_mtime_ns == stamp
+    again = ready(make_dm(tmp_path, mini_copy))
+    assert "reusing cache" in caplog.text and "built cache" not in caplog.text
+    assert again.train_set.cache.directory == first and (first / "pixels.u8").stat().st_mtime_ns == stamp
 
     # a resize sweep: one cache per size, side by side
     other = ready(make_dm(tmp_path, mini_copy, resize=RESIZE + 16))
-    assert directory.is_dir() and cache_dir(tmp_path, mini_copy, "train", RESIZE + 16).is_dir()
+    assert first.is_dir() and cache_dir(tmp_path, mini_copy, "train", RESIZE + 16).is_dir()
     assert other.train_set.cache.shape(0) != dm.train_set.cache.shape(0)
 
-    # change one source image: the cache notices and is rebuilt with the new pixels
+    # change one source image: the cache notices and is rebuilt with the new pixels, in a new folder
     rel = dm.train_set.cache.relpaths[7]
+    old_pixels = dm.train_set.cache.image(7).copy()
     Image.open(mini_copy / rel).convert("RGB").transpose(Image.Transpose.ROTATE_90).crop(
         (0, 0, 200, 120)
     ).save(mini_copy / rel)
@@ -226,12 +235,26 @@ def test_cache_reuse_staleness_and_resize_sweep(
     assert open_cache(directory, mini_copy, relpaths, RESIZE) is None
     caplog.clear()
     fresh = ready(make_dm(tmp_path, mini_copy)).train_set.cache
-    assert "stale" in caplog.text
+    assert "stale" in caplog.text and fresh.directory != first
     assert fresh.shape(7) == resized_size(120, 200, RESIZE)
     assert np.array_equal(
         fresh.image(7), np.asarray(load_resized(mini_copy / rel, RESIZE)).transpose(2, 0, 1)
     )
-    assert not list(directory.parent.glob(".*building*"))
+    assert not list(directory.glob(".building*"))
+    # the old build is still mapped by dm and again: kept, and still the old pixels
+    assert first.is_dir() and np.array_equal(dm.train_set.cache.image(7), old_pixels)
+
+    # once nobody maps them, the next build removes both superseded builds
+    superseded = fresh.directory
+    del dm, again, fresh
+    gc.collect()
+    (mini_copy / rel).touch()
+    newest = build_cache(mini_copy, relpaths, directory, RESIZE)
+    assert not first.exists() and not superseded.exists()
+    assert {p.name for p in directory.iterdir() if not p.name.startswith(".")} == {
+        "current.json",
+        newest.directory.name,
+    }
 
 
 def test_failed_build_leaves_no_cache(tmp_path: Path, mini_copy: Path) -> None:
@@ -241,7 +264,23 @@ def test_failed_build_leaves_no_cache(tmp_path: Path, mini_copy: Path) -> None:
     target = tmp_path / "cache" / "val"
     with pytest.raises(OSError, match="truncated"):
         build_cache(mini_copy, relpaths, target, RESIZE)
-    assert not target.exists() and list((tmp_path / "cache").iterdir()) == []
+    assert open_cache(target, mini_copy, relpaths, RESIZE) is None
+    assert [p.name for p in target.iterdir() if p.name != ".build.lock"] == []  # no pointer, no build
+
+
+def test_damaged_build_fails_the_check_and_is_rebuilt(tmp_path: Path, mini_root: Path) -> None:
+    relpaths = sorted(p.relative_to(mini_root).as_posix() for p in mini_root.glob("val/*/*.JPEG"))
+    target = tmp_path / "cache" / "val"
+    built = build_cache(mini_root, relpaths, target, RESIZE, workers=1)
+    damaged, expected = built.directory, built.image(99).copy()
+    del built
+    gc.collect()
+    pixels = damaged / "pixels.u8"
+    pixels.write_bytes(pixels.read_bytes()[:-1000])  # e.g. a disk that lost the end of the file
+    assert open_cache(target, mini_root, relpaths, RESIZE) is None
+    fresh = build_cache(mini_root, relpaths, target, RESIZE, workers=1)
+    assert fresh.directory != damaged and not damaged.exists()
+    assert np.array_equal(fresh.image(99), expected)
 
 
 def test_skipped_corrupt_images_stay_out_of_the_cache(tmp_path: Path, mini_copy: Path) -> None:

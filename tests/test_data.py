@@ -39,7 +39,13 @@ from imagenette_lab.data import (
     MissingArchiveError,
     UnsafeArchiveError,
 )
-from imagenette_lab.data.sources import DATASETS, download_archive, published_checks
+from imagenette_lab.data.sources import (
+    DATASETS,
+    VARIANTS,
+    check_archive,
+    download_archive,
+    published_checks,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = DATASETS["imagenette"].wnids
@@ -114,13 +120,16 @@ def test_archive_extract_verify_batches(
     assert labels.tolist() == folder_labels
     assert images.std() > 0.3  # real pixels, not a constant
 
-    # second run: nothing extracted or decoded again
+    # second run: nothing extracted or decoded again (same folder, same marker, same verification record)
+    marker = tmp_path / "imagenette2-224-mini.tgz.extracted.json"
+    record = next((tmp_path / "verified").glob("*.json"))
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (root, marker, record)]
     caplog.clear()
-    start = time.perf_counter()
-    ready(make_dm(tmp_path, archive=mini_archive))
-    assert time.perf_counter() - start < 5.0
+    again = ready(make_dm(tmp_path, archive=mini_archive))
+    assert again.dataset_root == root
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (root, marker, record)] == before
     assert "reusing" in caplog.text and "unchanged since the last verification" in caplog.text
-    assert "decoding" not in caplog.text
+    assert "decoding" not in caplog.text and f"extracted {mini_archive} ->" not in caplog.text
 
 
 def test_seeded_shuffling_is_reproducible_and_changes_per_epoch(tmp_path: Path, mini_root: Path) -> None:
@@ -188,7 +197,14 @@ def test_imagewoof_config_and_mismatch(tmp_path: Path, mini_root: Path) -> None:
     dm = make_dm(tmp_path, root=mini_root, dataset="imagewoof")
     assert dm.class_names[0] == "Shih-Tzu" and "Samoyed" in dm.class_names and len(dm.class_names) == 10
     assert DATASETS["imagewoof"].url("320") == "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2-320.tgz"
-    assert published_checks("imagewoof2-320.tgz")[0].size == 328387740
+    # every official archive name maps to a published check: none would be used unchecked
+    unchecked = [
+        spec.archive_name(v)
+        for spec in DATASETS.values()
+        for v in VARIANTS
+        if not published_checks(spec.archive_name(v))
+    ]
+    assert unchecked == []
     with pytest.raises(LayoutError, match="set data=imagenette"):
         dm.prepare_data()
 
@@ -353,6 +369,67 @@ def test_local_archive_with_wrong_checksum(tmp_path: Path, mini_archive: Path) -
     shutil.copy(mini_archive, fake)
     with pytest.raises(ChecksumError, match=r"does not match the published checksum of imagenette2-160\.tgz"):
         make_dm(tmp_path / "data", archive=fake).prepare_data()
+
+
+def test_archive_check_catches_a_damaged_copy(tmp_path: Path, mini_archive: Path) -> None:
+    """fast.ai's fingerprint (size + md5 of the first MiB) of the real archive vs damaged copies of it."""
+    published = (ArchiveCheck.of(mini_archive),)
+    good = tmp_path / "good.tgz"
+    shutil.copy(mini_archive, good)
+    check_archive(good, published, subject="a copy", name=mini_archive.name)  # an identical copy passes
+    data = mini_archive.read_bytes()
+    assert len(data) > 2 * 2**20  # the archive is larger than the hashed head, so both checks matter
+    flipped = tmp_path / "flipped.tgz"  # same size, one byte changed inside the hashed first MiB
+    flipped.write_bytes(data[:5000] + bytes([data[5000] ^ 0xFF]) + data[5001:])
+    truncated = tmp_path / "truncated.tgz"  # same first MiB, last byte missing
+    truncated.write_bytes(data[:-1])
+    for bad in (flipped, truncated):
+        with pytest.raises(ChecksumError, match=rf"{bad.name}.*does not match the published checksum"):
+            check_archive(bad, published, subject=str(bad), name=mini_archive.name)
+
+
+def test_changed_archive_never_deletes_the_folder_in_use(
+    tmp_path: Path, mini_archive: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job reads the extracted folder while the archive changes and another job prepares the data."""
+    archive = tmp_path / "src" / mini_archive.name
+    archive.parent.mkdir()
+    shutil.copy(mini_archive, archive)
+    data_dir = tmp_path / "data"
+    reader = ready(make_dm(data_dir, archive=archive))
+    old_root = reader.dataset_root
+    old_files = sorted(p.relative_to(old_root).as_posix() for p in old_root.rglob("*") if p.is_file())
+    victim = reader.val_files[0].relative_to(old_root).as_posix()
+    original = (old_root / victim).read_bytes()
+    batch = next(iter(reader.val_dataloader()))[0]
+
+    # a new release of the archive: the same files, one image flipped
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(original)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buffer, "JPEG")
+    changed = buffer.getvalue()
+    with tarfile.open(mini_archive) as src, tarfile.open(archive, "w:gz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith(victim):
+                data, member.size = changed, len(changed)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    with open(old_root / victim, "rb") as handle:  # opened mid-epoch, before the other job starts
+        caplog.set_level(logging.WARNING, logger="imagenette_lab")
+        other = ready(make_dm(data_dir, archive=archive))
+        assert handle.read() == original
+    new_root = other.dataset_root
+    assert new_root != old_root and new_root.parent == data_dir
+    assert (new_root / victim).read_bytes() == changed
+    assert f"{old_root} is kept for jobs that may still read it" in caplog.text
+    # the reader's folder is intact and it still serves the very same batches
+    assert sorted(p.relative_to(old_root).as_posix() for p in old_root.rglob("*") if p.is_file()) == old_files
+    assert (old_root / victim).read_bytes() == original
+    assert torch.equal(next(iter(reader.val_dataloader()))[0], batch)
+    # the marker now names the new folder: a third job reuses it without extracting
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="imagenette_lab")
+    assert ready(make_dm(data_dir, archive=archive)).dataset_root == new_root
+    assert f"extracted {archive} ->" not in caplog.text
 
 
 def test_download_through_local_http_server(

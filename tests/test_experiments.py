@@ -21,8 +21,16 @@ EXPERIMENT_DIR = REPO / "conf" / "experiment"
 PRESETS = {"cpu_train"}  # conf/experiment files that are presets, not report reproductions
 # experiment -> number of arms (seeds apart) of its sweep at (full, quick) scale
 ARMS = {
-    "architectures": 6, "table1": 2, "dropout": 8, "lr_schedule": 2, "activation": 2, "blurpool": 2,
-    "resize": 8, "batch_size": 4, "optimizer": 2, "label_noise": 3,
+    "architectures": 6,
+    "table1": 2,
+    "dropout": 8,
+    "lr_schedule": 2,
+    "activation": 2,
+    "blurpool": 2,
+    "resize": 8,
+    "batch_size": 4,
+    "optimizer": 2,
+    "label_noise": 3,
 }
 
 
@@ -69,7 +77,9 @@ def test_every_arm_composes_into_a_valid_job(name: str, scale: str) -> None:
         if name != "resize":  # the scale's own input size and length
             want = (40, 32, 4) if scale == "quick" else (280, 224, 30)
             assert (cfg.data.resize, cfg.data.crop, cfg.trainer.max_epochs) == want
-        if cfg.model.name == "hybrid":  # single-model ablations narrow the hybrid for the CPU; the rest do not
+        if (
+            cfg.model.name == "hybrid"
+        ):  # single-model ablations narrow the hybrid for the CPU; the rest do not
             narrow = scale == "quick" and name not in ("architectures", "table1")
             assert cfg.model.width == (0.5 if narrow else 1.0)
 
@@ -80,9 +90,23 @@ def _arm_values(name: str, scale: str, key: str) -> list[str]:
 
 def test_sweeps_match_the_report() -> None:
     assert set(_arm_values("architectures", "full", "model")) == {
-        "googlenet", "mobilenetv2", "resnet34", "resnet50", "resnet50d", "hybrid"
+        "googlenet",
+        "mobilenetv2",
+        "resnet34",
+        "resnet50",
+        "resnet50d",
+        "hybrid",
     }
-    assert _arm_values("resize", "full", "data.resize") == ["150", "200", "250", "280", "300", "350", "400", "450"]
+    assert _arm_values("resize", "full", "data.resize") == [
+        "150",
+        "200",
+        "250",
+        "280",
+        "300",
+        "350",
+        "400",
+        "450",
+    ]
     assert _arm_values("batch_size", "full", "data.batch_size") == ["32", "64", "96", "128"]
     assert _arm_values("label_noise", "full", "data.label_noise") == ["0", "5", "50"]
     # The crop is scaled with the resize: 0.8 x resize, the report's 224/280, at both scales.
@@ -90,7 +114,9 @@ def test_sweeps_match_the_report() -> None:
         for value in _arm_values("resize", scale, "data.resize"):
             cfg = compose_job(["experiment=resize", f"scale={scale}", f"data.resize={value}"])
             assert cfg.data.crop == round(0.8 * int(value))
-        assert compose_job(["experiment=resize", f"scale={scale}", f"data.resize={base}"]).data.crop == round(0.8 * base)
+        assert compose_job(["experiment=resize", f"scale={scale}", f"data.resize={base}"]).data.crop == round(
+            0.8 * base
+        )
     # lr_schedule: ResNet50 at a constant 0.001 vs cosine; the quick form anneals over its whole run.
     cfg = compose_job(["experiment=lr_schedule"])
     assert cfg.model.name == "resnet50" and cfg.optim.lr == pytest.approx(0.001)
@@ -100,17 +126,26 @@ def test_sweeps_match_the_report() -> None:
     assert cosine.sched.scheduler.T_max == 10
     # dropout: one probability for blocks and head, with and without BatchNorm.
     cfg = compose_job(["experiment=dropout", "model.block_drop_rate=0.2", "model.norm=none"])
-    assert cfg.model.drop_rate == pytest.approx(0.2) and cfg.model.norm == "none" and cfg.model.name == "hybrid"
+    assert (
+        cfg.model.drop_rate == pytest.approx(0.2) and cfg.model.norm == "none" and cfg.model.name == "hybrid"
+    )
     # activation: relu6 vs mish on the hybrid, time to low accuracies recorded for the quick scale.
-    assert [compose_job(["experiment=activation", f"act={a}"]).model.act for a in ("relu6", "mish")] == ["relu6", "mish"]
+    assert [compose_job(["experiment=activation", f"act={a}"]).model.act for a in ("relu6", "mish")] == [
+        "relu6",
+        "mish",
+    ]
     thresholds = list(compose_job(["experiment=activation"]).module.acc_thresholds)
-    assert thresholds == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9], "see test_experiments_name_their_sweep_folder"
+    assert thresholds == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9], (
+        "see test_experiments_name_their_sweep_folder"
+    )
     assert compose_job(["experiment=optimizer", "optim=adam"]).optim.lr == pytest.approx(0.00024)
 
 
 def test_unlisted_resize_fails_with_a_fix() -> None:
     cfg = compose_job(["experiment=resize", "data.resize=123"])
-    with pytest.raises(InstantiationException, match=r"data\.crop=.*add it to crop_of in conf/experiment/resize\.yaml"):
+    with pytest.raises(
+        InstantiationException, match=r"data\.crop=.*add it to crop_of in conf/experiment/resize\.yaml"
+    ):
         instantiate(cfg.data)
 
 
@@ -132,12 +167,22 @@ TEST_SWEEP: dict[str, dict[str, str]] = {
 }
 TEST_ARMS = {"dropout": 4}  # others: 2
 TINY_RUN = {
-    "trainer": "cpu", "data.resize": "40", "data.crop": "32", "data.batch_size": "8", "data.num_workers": "0",
-    "data.persistent_workers": "false", "trainer.enable_progress_bar": "false",
-    "trainer.enable_model_summary": "false", "debug": "limit", "trainer.max_epochs": "1", "logger": "csv",
+    "trainer": "cpu",
+    "data.resize": "40",
+    "data.crop": "32",
+    "data.batch_size": "8",
+    "data.num_workers": "0",
+    "data.persistent_workers": "false",
+    "trainer.enable_progress_bar": "false",
+    "trainer.enable_model_summary": "false",
+    "debug": "limit",
+    "trainer.max_epochs": "1",
+    "logger": "csv",
     "seed": "1",
     # no checkpoints: the full-size hybrid's would be ~0.5 GB per save
-    "~callbacks.model_checkpoint": None, "+trainer.enable_checkpointing": "false",
+    "~callbacks.model_checkpoint": None,
+    "~callbacks.last_checkpoint": None,
+    "+trainer.enable_checkpointing": "false",
 }
 
 

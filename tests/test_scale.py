@@ -23,7 +23,17 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, mini_archive
     """gloo DDP over 2 processes: trains, logs once, and its (synced) validation metrics of a checkpoint
     equal a single-process evaluation of the same checkpoint on the same 100 real images."""
     data = [f"data.archive={mini_archive}", "logger=csv"]
-    run_cli([*TINY, *SMALL_HYBRID, *data, "debug=limit", "trainer.max_epochs=1", "hydra.run.dir=" + str(tmp_path / "train")], tmp_path)
+    run_cli(
+        [
+            *TINY,
+            *SMALL_HYBRID,
+            *data,
+            "debug=limit",
+            "trainer.max_epochs=1",
+            "hydra.run.dir=" + str(tmp_path / "train"),
+        ],
+        tmp_path,
+    )
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     evals = {}
@@ -32,7 +42,10 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, mini_archive
         "ddp": ["trainer.strategy=ddp", "trainer.devices=2", "data.batch_size=4"],
     }.items():
         out = tmp_path / f"eval_{name}"
-        run_cli([*TINY, *SMALL_HYBRID, *data, "mode=eval", f"ckpt_path={ckpt}", f"hydra.run.dir={out}", *extra], tmp_path)
+        run_cli(
+            [*TINY, *SMALL_HYBRID, *data, "mode=eval", f"ckpt_path={ckpt}", f"hydra.run.dir={out}", *extra],
+            tmp_path,
+        )
         evals[name] = _metrics(out)
     single, ddp = evals["single"], evals["ddp"]
     assert ddp["final"]["val/acc"] == pytest.approx(single["final"]["val/acc"], abs=1e-6)
@@ -43,15 +56,31 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path: Path, mini_archive
 
     # DDP training: one folder, one epochs.csv, completed.
     out = tmp_path / "ddp_train"
-    run_cli([*TINY, *SMALL_HYBRID, *data, "debug=limit", "trainer.max_epochs=1", "trainer.strategy=ddp",
-             "trainer.devices=2", f"hydra.run.dir={out}"], tmp_path)
+    run_cli(
+        [
+            *TINY,
+            *SMALL_HYBRID,
+            *data,
+            "debug=limit",
+            "trainer.max_epochs=1",
+            "trainer.strategy=ddp",
+            "trainer.devices=2",
+            f"hydra.run.dir={out}",
+        ],
+        tmp_path,
+    )
     assert _metrics(out)["status"] == "completed"
     assert [r["epoch"] for r in read_epochs_csv(out / "epochs.csv")] == [1]
 
 
 def _hydra_cfg(args: list[str]) -> str:
-    out = subprocess.run([sys.executable, str(REPO / "run.py"), *args, "--cfg", "hydra"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *args, "--cfg", "hydra"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -66,9 +95,21 @@ def test_slurm_and_parallel_presets_compose() -> None:
 
 @pytest.mark.slow
 def test_sweep_through_submitit_local_executor(tmp_path: Path, mini_archive: Path) -> None:
-    run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=1,2", *TINY,
-             *SMALL_HYBRID, f"data.archive={mini_archive}", "debug=limit", "trainer.max_epochs=1", "logger=csv"],
-            tmp_path)
+    run_cli(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            "seed=1,2",
+            *TINY,
+            *SMALL_HYBRID,
+            f"data.archive={mini_archive}",
+            "debug=limit",
+            "trainer.max_epochs=1",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
     runs = run_dirs(tmp_path / "logs")
     assert len(runs) == 2
     assert {_metrics(r)["seed"] for r in runs} == {1, 2}
@@ -79,9 +120,17 @@ def test_sweep_through_submitit_local_executor(tmp_path: Path, mini_archive: Pat
 def test_nan_loss_fails_clearly_and_keeps_last_good_checkpoint(tmp_path: Path, mini_archive: Path) -> None:
     out = tmp_path / "nan"
     # Epoch 2 starts with NaN weights (a test-only callback), so its first training loss is NaN.
-    args = [*TINY, *SMALL_HYBRID, f"data.archive={mini_archive}", "debug=limit", "logger=csv", f"hydra.run.dir={out}",
-            "trainer.max_epochs=2", "+callbacks.poison._target_=tests.run_hooks.PoisonWeights",
-            "+callbacks.poison.epoch=1"]
+    args = [
+        *TINY,
+        *SMALL_HYBRID,
+        f"data.archive={mini_archive}",
+        "debug=limit",
+        "logger=csv",
+        f"hydra.run.dir={out}",
+        "trainer.max_epochs=2",
+        "+callbacks.poison._target_=tests.run_hooks.PoisonWeights",
+        "+callbacks.poison.epoch=1",
+    ]
     proc = run_cli(args, tmp_path, check=False)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
@@ -99,7 +148,10 @@ def test_nan_loss_fails_clearly_and_keeps_last_good_checkpoint(tmp_path: Path, m
 def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, mini_archive: Path) -> None:
     """Incompatible flags and an unwritable output folder stop the run before any data is touched."""
     cases = {
-        "width on resnet50": (["model=resnet50", "+model.width=0.5"], "'width' is not supported by 'resnet50'"),
+        "width on resnet50": (
+            ["model=resnet50", "+model.width=0.5"],
+            "'width' is not supported by 'resnet50'",
+        ),
         "bad label noise": (["data.label_noise=7"], "data.label_noise=7"),
     }
     for name, (args, message) in cases.items():
@@ -110,8 +162,14 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, mini_archive:
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = subprocess.run([sys.executable, str(REPO / "run.py"), f"paths.log_dir={blocker / 'logs'}"], cwd=REPO,
-                          env=CLI_ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), f"paths.log_dir={blocker / 'logs'}"],
+        cwd=REPO,
+        env=CLI_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert f"output folder paths.log_dir={blocker / 'logs'} is not writable" in proc.stderr
     assert blocker.read_text() == "not a folder"

@@ -3,39 +3,70 @@
 Resize is the only deterministic step of the report's pipeline and, with JPEG decoding, the costly one.
 Each split is decoded and resized once (in parallel, with the very same torchvision/PIL resize as the
 reference pipeline, so the pixels are identical) into one flat uint8 file of CHW images kept whole at
-their own size (nothing assumes squares), plus an index of offsets and shapes. The folder is written
-under a temporary name and renamed when complete; ``meta.json`` records the source files (path, size,
-mtime) and a cache whose sources changed is rebuilt. One cache per (dataset folder, split, resize), so
-a resize sweep gets one cache per size.
+their own size (nothing assumes squares), plus an index of offsets and shapes. One cache per (dataset
+folder, split, resize), so a resize sweep gets one cache per size; ``meta.json`` records the source
+files (path, size, mtime) and a cache whose sources changed is rebuilt.
+
+Safe under concurrency (several jobs share ``data_dir``, and a rebuild may start while others train).
+The cache folder ``<split>-<resize>px/`` holds::
+
+    current.json          {"build": "build-<id>"}: the published build, swapped atomically
+    build-<id>/           pixels.u8 + index.npy + meta.json, never modified once published
+    .building-<id>/       a build in progress (or left by a crash): never read
+    .build.lock           one builder at a time
+
+A build writes a new folder, flushes it to disk, renames it into place and only then swaps the pointer,
+so a crash at any point leaves the old cache (or none), never a half one. A reader resolves the
+pointer once and reads pixels, index and meta from that one immutable folder, so it cannot pair new
+pixels with an old index. Old builds are deleted by a later build only when no process still has them
+mapped: each reader holds a shared ``flock`` on its ``pixels.u8`` for as long as the mapping lives.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import mmap
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import Timeout
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from imagenette_lab.data._parallel import pmap
+from imagenette_lab.data.sources import file_lock, fsync_path, write_atomic
 from imagenette_lab.data.transforms import center_crop_origin, resized_size
+
+try:  # shared/non-blocking flock: see _lock_shared
+    import fcntl
+except ImportError:  # Windows: mapped files cannot be deleted there, which protects readers instead
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the on-disk format or the resize rule changes
+CACHE_VERSION = 2  # bump when the on-disk format or the resize rule changes
 PIXELS = "pixels.u8"
 INDEX = "index.npy"
 META = "meta.json"
+POINTER = "current.json"
+LOCK = ".build.lock"
+BUILD_PREFIX = "build-"
+BUILDING_PREFIX = ".building-"
+LEGACY_FILES = (PIXELS, INDEX, META)  # version 1 kept one build directly in the cache folder
+
+
+class CacheDamagedError(ValueError):
+    """A published build whose files disagree with each other (never written so by this code)."""
 
 
 def cache_dir(data_dir: Path, root: Path, split: str, resize: int) -> Path:
@@ -78,33 +109,85 @@ def _write_one(job: tuple[str, str, int, int, int, int]) -> None:
         f.write(np.ascontiguousarray(arr).tobytes())
 
 
+# Reader/pruner coordination, by hand: filelock offers exclusive locks only, and what is needed here is
+# a shared lock that lives exactly as long as a memory mapping, which a pruner can test without waiting.
+def _lock_shared(fd: int) -> None:
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def _try_lock_exclusive(fd: int) -> bool:
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _map_pixels(path: Path) -> np.ndarray:
+    """Map ``path`` read-only under a shared lock held by the mapping itself (mmap keeps a dup of the fd)."""
+    with open(path, "rb") as f:
+        _lock_shared(f.fileno())
+        st = os.fstat(f.fileno())
+        if st.st_nlink == 0:  # pruned between open() and the lock: the caller re-reads the pointer
+            raise FileNotFoundError(f"{path} was removed by a newer build")
+        if st.st_size == 0:
+            return np.empty(0, dtype=np.uint8)
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+
+
 class ImageCache:
-    """Read side of a cache: ``image(i)`` is a (3, h, w) uint8 view into a memory-mapped file."""
+    """Read side of one published build: ``image(i)`` is a (3, h, w) uint8 view into the mapped pixels.
+
+    ``directory`` is a ``build-<id>`` folder (see :func:`current_cache`); everything is read from it
+    alone, and the pixels are mapped first, so that the folder cannot be pruned while it is read.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
-        self.meta = json.loads((self.directory / META).read_text())
-        index = np.load(self.directory / INDEX)
+        self._pixels: np.ndarray | None = _map_pixels(self.directory / PIXELS)
+        try:
+            self.meta = json.loads((self.directory / META).read_text())
+            index = np.load(self.directory / INDEX)
+            self._check(index)
+        except BaseException:
+            self._pixels = None  # unmap (and unlock) now, not whenever the traceback is freed
+            raise
         self.offsets = index[:, 0]
         self.shapes = index[:, 1:3]
         # plain Python ints: indexing numpy scalars costs more than the crop itself on the hot path
         self._index: list[tuple[int, int, int]] = [tuple(row) for row in index.tolist()]
         self.relpaths: list[str] = [s[0] for s in self.meta["sources"]]
-        self._pixels: np.ndarray | None = None  # mapped lazily in each DataLoader worker
+
+    def _check(self, index: np.ndarray) -> None:
+        count = len(self.meta["sources"])
+        if index.shape != (count, 3):
+            raise CacheDamagedError(
+                f"cache build {self.directory}: index of shape {index.shape} for {count} images"
+            )
+        nbytes = 3 * index[:, 1] * index[:, 2]
+        if count and not np.array_equal(index[:, 0], np.concatenate([[0], np.cumsum(nbytes)[:-1]])):
+            raise CacheDamagedError(f"cache build {self.directory}: offsets that do not follow the shapes")
+        if not self.pixels.size == int(nbytes.sum()) == self.meta.get("nbytes"):
+            raise CacheDamagedError(
+                f"cache build {self.directory}: {self.pixels.size} pixel bytes where the index needs "
+                f"{int(nbytes.sum())}"
+            )
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def __getstate__(self) -> dict:
-        # never pickle the mapped pixels into worker processes: each worker maps the file itself
+        # never pickle the mapped pixels into spawned worker processes: each maps (and locks) the file
         return {**self.__dict__, "_pixels": None}
 
     @property
     def pixels(self) -> np.ndarray:
         """The flat uint8 pixel file, mapped read-only."""
         if self._pixels is None:
-            mapped = np.memmap(self.directory / PIXELS, dtype=np.uint8, mode="r")
-            self._pixels = mapped.view(np.ndarray)  # same mapping, without memmap's per-slice overhead
+            self._pixels = _map_pixels(self.directory / PIXELS)
         return self._pixels
 
     def shape(self, i: int) -> tuple[int, int]:
@@ -117,40 +200,97 @@ class ImageCache:
         return self.pixels[start : start + 3 * h * w].reshape(3, h, w)
 
 
-def open_cache(directory: Path, root: Path, relpaths: Sequence[str], resize: int) -> ImageCache | None:
+def _pointer(directory: Path) -> str | None:
+    """Name of the published build of the cache folder ``directory``, or None when there is none."""
+    try:
+        name = json.loads((directory / POINTER).read_text()).get("build")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name.startswith(BUILD_PREFIX) else None
+
+
+def current_cache(directory: Path) -> ImageCache | None:
+    """The published build of the cache folder ``directory`` (not checked against the sources), or None."""
+    for _ in range(5):  # a build may prune the folder between our reading the pointer and opening it
+        name = _pointer(directory)
+        if name is None:
+            return None
+        try:
+            return ImageCache(directory / name)
+        except FileNotFoundError:
+            if _pointer(directory) == name:  # not a newer build: someone deleted it by hand
+                log.warning("cache %s points at the missing build %s; rebuilding", directory, name)
+                return None
+        except (CacheDamagedError, json.JSONDecodeError, ValueError, KeyError) as err:
+            log.warning("%s; rebuilding", err)
+            return None
+    return None
+
+
+def open_cache(
+    directory: Path, root: Path, relpaths: Sequence[str], resize: int, quiet: bool = False
+) -> ImageCache | None:
     """The cache at ``directory`` if it is complete and matches the current source files, else None."""
-    meta_path = directory / META
-    if not meta_path.is_file():
+    cache = current_cache(Path(directory))
+    if cache is None or cache.meta.get("version") != CACHE_VERSION or cache.meta.get("resize") != resize:
         return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("version") != CACHE_VERSION or meta.get("resize") != resize:
+    if cache.meta.get("sources") != source_list(root, relpaths):
+        if not quiet:
+            log.info("cache %s is stale (source files changed); rebuilding", directory)
         return None
-    if meta.get("sources") != source_list(root, relpaths):
-        log.info("cache %s is stale (source files changed); rebuilding", directory)
-        return None
-    return ImageCache(directory)
+    return cache
 
 
-def build_cache(
-    root: Path, relpaths: Sequence[str], directory: Path, resize: int, workers: int | None = None
-) -> ImageCache:
-    """Return a valid cache of ``relpaths`` (relative to ``root``) at ``resize``, building it if needed."""
-    directory = Path(directory)
-    cached = open_cache(directory, root, relpaths, resize)
-    if cached is not None:
-        log.info("reusing cache %s (%d images)", directory, len(cached))
-        return cached
+def _remove_build(folder: Path) -> None:
+    """Delete an unpublished or superseded build unless a process still has its pixels mapped."""
+    try:
+        handle = open(folder / PIXELS, "rb")  # noqa: SIM115 (closed below, after the deletion)
+    except FileNotFoundError:  # no pixels: nobody can be reading it
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    with handle:
+        if not _try_lock_exclusive(handle.fileno()):
+            log.debug("keeping %s: a running job still reads it", folder)
+            return
+        shutil.rmtree(folder, ignore_errors=True)  # under the lock: no reader can map it meanwhile
+
+
+def _prune(directory: Path, keep: str | None) -> None:
+    """Remove crashed builds, unused superseded builds and version-1 files (the builder holds LOCK)."""
+    for entry in directory.iterdir():
+        name = entry.name
+        if name in (POINTER, LOCK, keep):
+            continue
+        if name in LEGACY_FILES or name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)  # an open mapping of an unlinked file stays valid (POSIX)
+        elif name.startswith(BUILDING_PREFIX):
+            shutil.rmtree(entry, ignore_errors=True)  # left by a crash: only the lock holder builds
+        elif name.startswith(BUILD_PREFIX) and entry.is_dir():
+            _remove_build(entry)
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_build(
+    root: Path, relpaths: Sequence[str], directory: Path, resize: int, workers: int | None
+) -> str:
+    """Decode and resize into a new ``build-<id>`` folder, complete and on disk; return its name."""
     sources = source_list(root, relpaths)
     files = [str(root / p) for p in relpaths]
-    sizes = list(pmap(_header_size, files, desc=f"measure {directory.name}", workers=workers))
+    label = f"{directory.parent.name}/{directory.name}"
+    sizes = list(pmap(_header_size, files, desc=f"measure {label}", workers=workers))
     shapes = np.array([resized_size(h, w, resize) for h, w in sizes], dtype=np.int64).reshape(-1, 2)
     nbytes = 3 * shapes[:, 0] * shapes[:, 1]
-    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)[: len(files)]
     total = int(nbytes.sum())
-
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared by a team
+    name = f"{BUILD_PREFIX}{uuid.uuid4().hex[:12]}"
+    tmp = directory / f"{BUILDING_PREFIX}{name}"
+    tmp.mkdir()
     try:
         pixels = tmp / PIXELS
         with open(pixels, "wb") as f:
@@ -159,20 +299,66 @@ def build_cache(
             (src, str(pixels), int(off), int(h), int(w), resize)
             for src, off, (h, w) in zip(files, offsets, shapes, strict=True)
         ]
-        for _ in pmap(
-            _write_one, jobs, desc=f"cache {directory.parent.name}/{directory.name}", workers=workers
-        ):
+        for _ in pmap(_write_one, jobs, desc=f"cache {label}", workers=workers):
             pass
-        np.save(tmp / INDEX, np.column_stack([offsets, shapes]))
-        meta = {"version": CACHE_VERSION, "resize": resize, "root": str(root.resolve()), "sources": sources}
-        (tmp / META).write_text(json.dumps(meta))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
+        fsync_path(pixels)
+        index = io.BytesIO()
+        np.save(index, np.column_stack([offsets, shapes]).astype(np.int64))
+        _fsync_write(tmp / INDEX, index.getvalue())
+        meta = {
+            "version": CACHE_VERSION,
+            "resize": resize,
+            "root": str(root.resolve()),
+            "nbytes": total,
+            "sources": sources,
+        }
+        _fsync_write(tmp / META, json.dumps(meta).encode())
+        fsync_path(tmp)
+        os.replace(tmp, directory / name)  # complete and on disk: now it may be seen (not yet used)
+        fsync_path(directory)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built cache %s: %d images, %.1f MiB", directory, len(files), total / 2**20)
-    return ImageCache(directory)
+        raise
+    log.info("built cache %s: %d images, %.1f MiB", directory / name, len(files), total / 2**20)
+    return name
+
+
+def build_cache(
+    root: Path, relpaths: Sequence[str], directory: Path, resize: int, workers: int | None = None
+) -> ImageCache:
+    """Return a valid cache of ``relpaths`` (relative to ``root``) at ``resize``, building it if needed."""
+    directory = Path(directory)
+    cached = open_cache(directory, root, relpaths, resize)
+    if cached is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        with file_lock(directory / LOCK):
+            cached = open_cache(directory, root, relpaths, resize, quiet=True)  # built while we waited?
+            if cached is None:
+                _prune(directory, keep=_pointer(directory))
+                name = _write_build(root, relpaths, directory, resize, workers)
+                write_atomic(directory / POINTER, json.dumps({"build": name}))  # the one publishing step
+                cache = ImageCache(directory / name)
+                _prune(directory, keep=name)
+                return cache
+    log.info("reusing cache %s (%d images)", cached.directory, len(cached))
+    _tidy(directory)
+    return cached
+
+
+def _tidy(directory: Path) -> None:
+    """Prune what a killed build or a since-finished reader left behind, unless a build runs (no wait)."""
+    keep = {POINTER, LOCK, _pointer(directory)}
+    if all(entry.name in keep for entry in directory.iterdir()):
+        return
+    lock = file_lock(directory / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return
+    try:
+        _prune(directory, keep=_pointer(directory))  # re-read under the lock: a build may just have published
+    finally:
+        lock.release()
 
 
 class CachedCropDataset(Dataset):

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import pil_loader
 
+from imagenette_lab import resume
 from imagenette_lab.data.cache import CachedCropDataset, ImageCache, build_cache, cache_dir
 from imagenette_lab.data.errors import CorruptImagesError
 from imagenette_lab.data.sources import DATASETS, VARIANTS, file_lock, resolve_source
@@ -79,6 +80,13 @@ class ImagenetteDataModule(L.LightningDataModule):
     Validation crops are centred by default (``val_crop="center"``); the report literally used the
     training RandomCrop for validation too (``val_crop="random"``), which makes validation accuracy a
     random variable. Constructor arguments are the keys of ``conf/data/imagenette.yaml``.
+
+    Random streams: shuffling, training crops, validation crops and the device-side augmentation each
+    have their own generator per rank, seeded from ``seed`` by :func:`imagenette_lab.resume.stream_seed`
+    and continued from epoch to epoch. :meth:`state_dict` (Lightning puts it into every checkpoint) holds
+    all of them, every rank's, so a resumed run draws exactly what the uninterrupted run would have.
+    Exact for the cached pipeline and for ``pipeline=pil`` without persistent workers; persistent PIL
+    workers keep their own RNG across epochs, which no checkpoint can capture.
     """
 
     def __init__(
@@ -158,10 +166,13 @@ class ImagenetteDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.drop_last = bool(drop_last)
-        self.seed = int(seed)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"data.seed={seed!r} (the run's seed) must be an integer >= 0")
+        self.seed = seed
         self.mirror = mirror
         self.augment = BatchAugment(self.transform_spec)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        # seeded for this process's rank in setup(); the "augment" stream lives on the batches' device
+        self.streams = resume.RandomStreams(seed, cpu=("shuffle", "train_crop", "val_crop"))
         # filled by setup()
         self.verified: VerifiedDataset | None = None
         self.train_set: Dataset | None = None
@@ -239,6 +250,9 @@ class ImagenetteDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the train/val datasets (labels from the CSV, ``label_noise`` for training)."""
+        # run.py sets the datamodule up before a trainer exists (rank 0): Lightning's own setup call then
+        # reseeds the streams for the other DDP ranks; a stream seeded for its rank is never reseeded
+        self.streams.seed_for(self._rank())
         if self.verified is not None:
             return  # Lightning calls setup once per stage (fit, validate, test); the data is the same
         with file_lock(self.data_dir / ".prepare.lock"):
@@ -260,15 +274,14 @@ class ImagenetteDataModule(L.LightningDataModule):
                 self.val_files, self.val_labels.tolist(), reference_transform(spec, False)
             )
         else:
-            crops = torch.Generator().manual_seed(self.seed + 2)
+            # separate train and validation crop streams: how many validation batches run (sanity checks,
+            # limit_val_batches) must not move the training crops
             self.train_set = CachedCropDataset(
-                caches["train"], self.train_labels, spec.crop, random_crop=True, generator=crops
+                caches["train"], self.train_labels, spec.crop, True, generator=self.streams.cpu["train_crop"]
             )
             self.val_set = CachedCropDataset(
-                caches["val"], self.val_labels, spec.crop, spec.val_crop == "random", generator=crops
+                caches["val"], self.val_labels, spec.crop, spec.val_crop == "random", self.streams.cpu["val_crop"]
             )
-        # one generator for the whole run: each epoch gets a new, reproducible permutation
-        self._shuffle_generator = torch.Generator().manual_seed(self.seed)
         self.verified = verified
         log.info(
             "%s: %d train / %d val images, label_noise=%d%% (%d training labels differ from the clean ones)",
@@ -278,6 +291,9 @@ class ImagenetteDataModule(L.LightningDataModule):
             self.label_noise,
             int((self.train_labels != self.train_clean_labels).sum()),
         )
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
 
     def _require(self) -> VerifiedDataset:
         if self.verified is None:
@@ -295,7 +311,9 @@ class ImagenetteDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
-            generator=self._shuffle_generator if train else None,
+            # one generator for the whole run: each epoch gets a new, reproducible permutation (and, with
+            # workers, new worker seeds: the DataLoader draws its base seed from it at every epoch)
+            generator=self.streams.cpu["shuffle"] if train else None,
             drop_last=self.drop_last and train,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -315,18 +333,12 @@ class ImagenetteDataModule(L.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     # ------------------------------------------------------------------------------- device-side ops
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed + 1 + rank)
-        return self._generators[device]
-
     def gpu_transform(
         self, batch: tuple[torch.Tensor, torch.Tensor], train: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached pipeline: uint8 crops -> normalized float32 (flip + erase too when ``train``)."""
         images, labels = batch
-        generator = self._generator(images.device) if train else None
+        generator = self.streams.device_stream("augment", images.device, self._rank()) if train else None
         return self.augment(images, train=train, generator=generator), labels
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -335,3 +347,18 @@ class ImagenetteDataModule(L.LightningDataModule):
             return batch
         train = self.trainer is not None and self.trainer.training
         return self.gpu_transform(batch, train=train)
+
+    # ------------------------------------------------------------------------------- random-stream state
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's random-stream states (Lightning saves this in checkpoints; call on all ranks)."""
+        return {"seed": self.seed, "ranks": resume.gather_per_rank(self.streams.states())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the random streams of a checkpoint (Lightning calls this after ``setup``)."""
+        if state_dict.get("seed") != self.seed:  # e.g. mode=eval of another seed's checkpoint: keep ours
+            log.warning("the checkpoint's data streams were seeded with seed=%s, this run has seed=%s: they are "
+                        "not restored", state_dict.get("seed"), self.seed)
+            return
+        world = self.trainer.world_size if self.trainer is not None else 1
+        mine = resume.pick_rank(list(state_dict["ranks"]), self._rank(), world, "data streams")
+        self.streams.set_states(mine or {})

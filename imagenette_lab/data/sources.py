@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from imagenette_lab.data.errors import (
@@ -186,6 +187,45 @@ def check_archive(path: Path, expected: tuple[ArchiveCheck, ...], subject: str, 
     )
 
 
+# --------------------------------------------------------------------------------------------- disk
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (folders: a no-op on Windows, which cannot open them)."""
+    if os.name == "nt" and path.is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Put every file and folder under ``root`` on disk (before the folder is renamed into sight).
+
+    One ``os.sync()`` where it exists: an ``fsync`` per file of a 13k-image dataset costs several times
+    the extraction itself, a single sync a fraction of it.
+    """
+    if hasattr(os, "sync"):
+        os.sync()
+        return
+    for dirpath, _, names in os.walk(root):
+        for path in (Path(dirpath) / name for name in names):
+            if not path.is_symlink():  # a link's target is fsynced as the file it is
+                fsync_path(path)
+        fsync_path(Path(dirpath))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader (or a crash) sees the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 # --------------------------------------------------------------------------------------------- download
 def download_archive(url: str, dest: Path, expected: tuple[ArchiveCheck, ...] = ()) -> Path:
     """Download ``url`` to ``dest`` through a temporary file, renamed only once complete and verified.
@@ -213,6 +253,8 @@ def download_archive(url: str, dest: Path, expected: tuple[ArchiveCheck, ...] = 
                     f"downloading {url} failed ({err}). Without internet access, download it elsewhere and "
                     f"pass the local copy with data.archive=PATH."
                 ) from err
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename below makes it look complete
             if total is not None and received != total:
                 raise DownloadError(
                     f"downloading {url} stopped after {received} of {total} bytes. Try again, or pass a "
@@ -221,6 +263,7 @@ def download_archive(url: str, dest: Path, expected: tuple[ArchiveCheck, ...] = 
         check_archive(tmp, expected, subject=f"the file downloaded from {url}", name=dest.name)
         tmp.chmod(0o644)  # mkstemp makes it owner-only; a finished download is an ordinary file
         os.replace(tmp, dest)
+        fsync_path(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
     log.info("downloaded %s -> %s", url, dest)
@@ -283,11 +326,14 @@ def _truncated(archive: Path, err: BaseException) -> ArchiveError:
     )
 
 
-def extract_archive(archive: Path, dest_parent: Path) -> Path:
+def extract_archive(archive: Path, dest_parent: Path, tag: str | None = None) -> Path:
     """Extract an official-layout archive into ``dest_parent/<top folder>`` and return that folder.
 
-    Members are listed and checked first; extraction goes to a temporary sibling folder that is
-    renamed into place only when complete, so a crash never leaves a half-extracted dataset behind.
+    Members are listed and checked first; extraction goes to a temporary sibling folder, is flushed to
+    disk and renamed into place only when complete, so a crash never leaves a half-extracted dataset
+    behind. An existing folder is never replaced (other jobs may be reading it): when ``<top>`` is
+    taken, the archive goes to ``<top>.<tag>`` instead (``tag`` names the archive's identity), and an
+    existing ``<top>.<tag>`` is an earlier complete extraction of that very archive, returned as it is.
     """
     dest_parent.mkdir(parents=True, exist_ok=True)
     size = archive.stat().st_size
@@ -316,16 +362,27 @@ def extract_archive(archive: Path, dest_parent: Path) -> Path:
                 f"the label CSV) but its top level is {sorted(tops)}. Repack it in the official layout."
             )
         top = tops.pop()
+        final = dest_parent / top
+        if final.exists():
+            if tag is None:
+                raise ArchiveError(
+                    f"{final} already exists and is not replaced (a job may be reading it); delete it "
+                    f"when no job uses it, or extract into another folder."
+                )
+            final = dest_parent / f"{top}.{tag}"
+            if final.is_dir():
+                log.info("reusing %s, an earlier complete extraction of %s", final, archive)
+                return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{top}.extracting-", dir=dest_parent))
         try:
             try:
                 tar.extractall(tmp, members=tqdm(members, desc=f"extract {archive.name}"), filter="data")
             except (tarfile.TarError, EOFError, zlib.error) as err:
                 raise _truncated(archive, err) from err
-            final = dest_parent / top
-            if final.exists():
-                shutil.rmtree(final)  # a stale extraction of an older archive
+            fsync_tree(tmp / top)  # the rename below must never publish files still in the page cache
+            # os.replace of a folder onto an existing non-empty one fails: nothing is ever overwritten
             os.replace(tmp / top, final)
+            fsync_path(dest_parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("extracted %s -> %s (%d members)", archive, final, len(members))
@@ -333,25 +390,14 @@ def extract_archive(archive: Path, dest_parent: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- resolve
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (POSIX ``flock``; a no-op where that does not exist).
+def file_lock(path: Path) -> FileLock:
+    """An exclusive inter-process lock on ``path`` (``filelock.FileLock``), used as ``with file_lock(p):``.
 
     Parallel sweep jobs share ``data_dir``: the first one extracts, verifies and caches while the
     others wait, then find everything ready instead of deleting each other's half-written folders.
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; single jobs are still safe
-        yield
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def _stat_key(path: Path) -> dict[str, object]:
@@ -359,27 +405,54 @@ def _stat_key(path: Path) -> dict[str, object]:
     return {"archive": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _identity_tag(key: dict[str, object]) -> str:
+    """Short digest of an archive's (path, size, mtime): names the folder a changed archive goes to."""
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _extracted(marker: Path, key: dict[str, object]) -> Path | None:
+    """The folder the marker records for this very archive (path, size, mtime), if it is still there."""
+    if not marker.is_file():
+        return None
+    record = json.loads(marker.read_text())
+    folder = marker.parent / record.get("folder", "")
+    if {k: record.get(k) for k in key} == key and record.get("folder") and folder.is_dir():
+        return folder
+    return None
+
+
 def extract_once(archive: Path, data_dir: Path, prepare: bool = True) -> Path:
     """Extract ``archive`` under ``data_dir`` unless an extraction of this very file is already there.
 
     A small JSON marker beside the folder records which archive (path, size, mtime) it came from.
+    A changed archive is extracted into a new folder (see :func:`extract_archive`) and the marker is
+    rewritten atomically to name it; the old folder is kept, since running jobs may still read it.
     With ``prepare=False`` nothing is extracted (for ``setup()`` on every rank) and a missing
     extraction is an error.
     """
     marker = data_dir / f"{archive.name}.extracted.json"
     key = _stat_key(archive)
-    if marker.is_file():
-        record = json.loads(marker.read_text())
-        folder = data_dir / record.get("folder", "")
-        if {k: record.get(k) for k in key} == key and folder.is_dir() and record.get("folder"):
-            log.info("reusing %s (extracted from %s)", folder, archive)
-            return folder
+    if (folder := _extracted(marker, key)) is not None:
+        log.info("reusing %s (extracted from %s)", folder, archive)
+        return folder
     if not prepare:
         raise ArchiveError(f"{archive} has not been extracted into {data_dir}; call prepare_data() first.")
-    folder = extract_archive(archive, data_dir)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**key, "folder": folder.name}))
-    os.replace(tmp, marker)
+    with file_lock(data_dir / f".{archive.name}.extract.lock"):
+        if (folder := _extracted(marker, key)) is not None:  # extracted while we waited
+            log.info("reusing %s (extracted from %s)", folder, archive)
+            return folder
+        previous = json.loads(marker.read_text()).get("folder") if marker.is_file() else None
+        folder = extract_archive(archive, data_dir, tag=_identity_tag(key))
+        write_atomic(marker, json.dumps({**key, "folder": folder.name}))
+    if previous and previous != folder.name and (data_dir / previous).is_dir():
+        log.warning(
+            "%s is not the archive %s was extracted from (path, size or date differ): now using %s. %s is "
+            "kept for jobs that may still read it; delete it when none does.",
+            archive,
+            data_dir / previous,
+            folder,
+            data_dir / previous,
+        )
     return folder
 
 

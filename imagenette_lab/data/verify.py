@@ -25,7 +25,7 @@ from PIL import Image, ImageFile
 
 from imagenette_lab.data._parallel import pmap
 from imagenette_lab.data.errors import LayoutError
-from imagenette_lab.data.sources import DATASETS, DatasetSpec
+from imagenette_lab.data.sources import DATASETS, DatasetSpec, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +221,7 @@ def find_unreadable(
             "root": str(root.resolve()),
             "files": {p: [*stats[p], fresh[p]] for p in relpaths},
         }
-        tmp = record_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, record_path)
+        write_atomic(record_path, json.dumps(record))  # a crash never leaves a torn record
     return {p: err for p, err in fresh.items() if err is not None}
 
 
