@@ -13,6 +13,8 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from imagenette_lab.run_identity import RERUN_POLICIES
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and how to fix it."""
@@ -27,6 +29,10 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Range and compatibility checks Hydra's struct mode cannot do (typos are already caught there)."""
     _check(cfg.mode in ("train", "eval"), "mode", cfg.mode, "use mode=train or mode=eval")
+    _check(cfg.rerun in RERUN_POLICIES, "rerun", cfg.rerun, f"use one of {', '.join(RERUN_POLICIES)}")
+    seed = cfg.seed
+    _check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32, "seed", seed,
+           "use an integer in [0, 2**32) (numpy and torch seed range)")
     if cfg.mode == "eval":
         _check(cfg.ckpt_path is not None, "ckpt_path", cfg.ckpt_path, "mode=eval needs ckpt_path=PATH/TO.ckpt")
         _check(Path(str(cfg.ckpt_path)).is_file(), "ckpt_path", cfg.ckpt_path, "no such checkpoint file")

@@ -191,6 +191,8 @@ def test_validation_errors_name_the_key(tmp_path: Path) -> None:
         "trainer.max_epochs=0": "trainer.max_epochs",
         "trainer.precision=16-mixed": "trainer.precision",
         "trainer.sync_batchnorm=true": "trainer.sync_batchnorm",
+        "rerun=always": "rerun",
+        "seed=-1": "seed",
     }
     for override, key in cases.items():
         cfg = compose_cfg(["trainer=cpu", override])
