@@ -13,7 +13,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint train bench clean
+.PHONY: help install test test-fast lint train bench gpu-check clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,8 +42,11 @@ train: install ## The main job: report recipe on a GPU; the reduced CPU preset o
 	if [ "$$preset" = gpu ]; then $(PY) run.py trainer=gpu $(DATA_ARGS) $(ARGS); \
 	else $(PY) run.py experiment=cpu_train $(DATA_ARGS) $(ARGS); fi
 
-bench: install ## Benchmarks side by side (loader, train step, end to end) -> BENCHMARKS.md
+bench: install ## Benchmarks side by side (loader, train step, end to end, CPU training knobs) -> BENCHMARKS.md
 	$(PY) benchmarks/bench.py $(DATA_ARGS) $(ARGS)
+
+gpu-check: install ## GPU check (<= 8 min on one H200): bench GPU rows, one recipe epoch per model, peak memory -> BENCHMARKS.md
+	$(PY) benchmarks/gpu_check.py $(if $(ARCHIVE),--archive $(abspath $(ARCHIVE))) $(ARGS)
 
 include docs/makefile_experiments.mk
 

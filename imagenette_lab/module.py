@@ -28,6 +28,12 @@ class ClassifierModule(pl.LightningModule):
 
     GoogLeNet with auxiliary heads returns ``(logits, aux1, aux2)`` in training; each auxiliary
     cross-entropy is added with weight ``aux_loss_weight``.
+
+    A non-finite training loss raises :class:`FloatingPointError` naming its epoch and step. The training
+    step never reads a value back to the host (on a GPU each read stalls the stream): it only records the
+    first bad step on the device, and the record is read every ``trainer.log_every_n_steps`` batches,
+    before every validation and at the end of every epoch, i.e. before any checkpoint of the epoch that
+    went bad is written, so the last good ``last.ckpt`` is kept.
     """
 
     def __init__(
@@ -60,11 +66,16 @@ class ClassifierModule(pl.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
-        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc_per_class = MulticlassAccuracy(num_classes, average=None)
-        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        # The step metrics skip torchmetrics' per-update input checks (NaN scan, label range): each is a host
+        # read per step, a stall on a GPU. A NaN training loss is caught by `_record_nonfinite` instead, a
+        # NaN validation loss shows as val/loss NaN, and labels come from our datamodule, which checks
+        # num_classes against the class folders.
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss = MeanMetric(nan_strategy="disable")
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc_per_class = MulticlassAccuracy(num_classes, average=None, validate_args=False)
+        self.val_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
         self.val_acc_best = MaxMetric()
 
         # Run bookkeeping (restored from checkpoints on resume).
@@ -79,6 +90,11 @@ class ClassifierModule(pl.LightningModule):
         self._fit_start = 0.0
         self._seconds_before_resume = 0.0  # s, training time of earlier (interrupted) attempts
         self._forward: nn.Module = self.net
+        # First non-finite training loss, kept on the device: its optimizer step (-1 = none yet) and value.
+        # Plain attributes, not buffers: never in checkpoints, and DDP does not overwrite each rank's own
+        # record with rank 0's (it broadcasts buffers every forward).
+        self._bad_step = torch.tensor(-1)
+        self._bad_loss = torch.tensor(0.0)
 
     # ---------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -105,6 +121,8 @@ class ClassifierModule(pl.LightningModule):
         return loss, logits
 
     def on_fit_start(self) -> None:
+        self._bad_step = torch.tensor(-1, device=self.device)
+        self._bad_loss = torch.tensor(0.0, device=self.device)
         self._fit_start = time.perf_counter()
         self._seconds_before_resume = self.train_seconds
 
@@ -114,18 +132,38 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_images = 0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.trainer.log_every_n_steps
+        if every and (batch_idx + 1) % every == 0:
+            self._raise_if_nonfinite()
         self._last_batch_end = time.perf_counter()
+
+    def _record_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is NaN/inf, with device ops only (no host read)."""
+        first = ~torch.isfinite(loss.detach()) & (self._bad_step < 0)
+        self._bad_step = torch.where(first, self.global_step, self._bad_step)
+        self._bad_loss = torch.where(first, loss.detach().float(), self._bad_loss)
+
+    def _raise_if_nonfinite(self) -> None:
+        """Raise if any rank saw a non-finite training loss since the start: one host read (+ one
+        all-reduce under DDP, so every rank stops together) per call."""
+        step = int(self._bad_step)
+        if not self.trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
+            return
+        # Checks run at least at every epoch end, so a bad step always lies in the current epoch.
+        where = (f"training loss is {float(self._bad_loss)} at epoch {self.current_epoch}, step {step}"
+                 if step >= 0 else f"training loss is non-finite on another rank by step {self.global_step}")
+        raise FloatingPointError(
+            f"{where} (the first non-finite step; the loss is checked every trainer.log_every_n_steps="
+            f"{self.trainer.log_every_n_steps} batches and at epoch end): lower optim.lr, enable "
+            "trainer.gradient_clip_val, or use trainer.precision=32-true"
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, logits = self._loss(self._forward(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}: "
-                "lower optim.lr, enable trainer.gradient_clip_val, or use trainer.precision=32-true"
-            )
+        self._record_nonfinite(loss)
         self.train_loss(loss.detach())
         self.train_acc(logits.detach(), y)
         self._epoch_images += y.shape[0]
@@ -133,7 +171,14 @@ class ClassifierModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
         return loss
 
+    def on_validation_start(self) -> None:
+        # Before validation, whose end saves the epoch's checkpoints (ModelCheckpoint.on_validation_end).
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._raise_if_nonfinite()
+
     def on_train_epoch_end(self) -> None:
+        # Before the checkpoint callbacks' own on_train_epoch_end (Lightning runs them after this hook).
+        self._raise_if_nonfinite()
         # Throughput counts the training batches only (data loading included); the epoch time is the whole
         # epoch wall clock: training, validation and checkpointing.
         train_s = self._last_batch_end - self._epoch_start

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench.py"
@@ -91,6 +92,30 @@ def test_quick_run_measures_real_positive_numbers(quick_run: dict) -> None:
     assert raw["machine"]["torch_threads"] == 1 and raw["config"]["bench"]["batch_size"] == 4
 
 
+def test_quick_run_times_the_cpu_presets_knobs(quick_run: dict) -> None:
+    """The knobs part times conf/experiment/cpu_train's own model, batch and optimizer, then each variant."""
+    knobs = quick_run["json"]["knobs"]
+    assert knobs["experiment"] == "cpu_train" and knobs["model"]["name"] == "hybrid"
+    assert knobs["model"]["width"] == 0.5 and 2.0 < knobs["params_m"] < 3.0  # the preset's light hybrid
+    default, both, small = knobs["rows"]
+    # `default` is the preset as a CPU run resolves it (trainer=cpu): fp32, NCHW, eager, foreach Adam
+    assert (default["name"], default["batch"], default["bf16"]) == ("default", 64, False)
+    assert not (default["channels_last"] or default["compile"] or default["fused"])
+    assert (both["name"], both["channels_last"], both["fused"], both["batch"]) == ("channels_last+fused", True, True, 64)
+    assert (small["name"], small["batch"], small["channels_last"]) == ("batch=2", 2, False)
+    for row in knobs["rows"]:
+        assert len(row["step_s"]) == row["timed_steps"] >= 2 and min(row["step_s"]) > 0
+        assert row["images_per_s"] == pytest.approx(row["batch"] / statistics.median(row["step_s"]))
+    assert default["ratio"] == 1.0
+    assert small["ratio"] == pytest.approx(  # paired by round: images/s over default's in the same round
+        statistics.median((2 / a) / (64 / d) for a, d in zip(small["step_s"], default["step_s"], strict=True))
+    )
+    rows = _cells(quick_run["md"], "### Training knobs")
+    assert [r[0] for r in rows] == ["default", "channels_last+fused", "batch=2"] and rows[0][7] == "1.00x"
+    assert all(_number(r[6]) > 0 for r in rows)
+    assert quick_run["md"].index("## CPU:") < quick_run["md"].index("## CPU training knobs:")
+
+
 def test_markdown_has_context_tables_and_verdicts(quick_run: dict) -> None:
     md, raw = quick_run["md"], quick_run["json"]
     assert md.startswith("# Benchmarks") and "## CPU:" in md and "quick smoke run" in md
@@ -125,6 +150,9 @@ def test_bad_arguments_name_the_key(bench: ModuleType) -> None:
         "bench.sizes=[16]": "bench.sizes",
         "bench.precision=fp16": "bench.precision",
         "bench.parts=[loader,train]": "bench.parts",
+        "bench.knob_variants=[turbo]": "unknown setting 'turbo'",
+        "bench.knob_variants=[batch=0]": "batch=32",
+        "bench.knob_crop=8": "bench.knob_crop",
         "--quick": "key=value",
     }
     for arg, key in cases.items():
@@ -140,6 +168,11 @@ def test_quick_preset_yields_to_explicit_arguments(bench: ModuleType) -> None:
     assert full.bench.batch_size is None and full.bench.output == "BENCHMARKS.md"
     bench.resolve_auto(full.bench)
     assert full.bench.batch_size in (8, 256) and full.bench.precision in ("fp32", "bf16")
+    assert ("knobs" in full.bench.parts) == (not torch.cuda.is_available())  # the CPU preset's rows: CPU only
+    gpu = bench.load_config(["bench.parts=[knobs]"])
+    gpu.bench.device = "cuda"
+    with pytest.raises(bench.BenchConfigError, match=re.escape("bench.device=cpu")):
+        bench.resolve_auto(gpu.bench)
 
 
 def test_update_markdown_replaces_its_section_and_stale_placeholders(
@@ -149,10 +182,18 @@ def test_update_markdown_replaces_its_section_and_stale_placeholders(
     bench.update_markdown(path, "cpu", "## CPU: first\n")
     first = path.read_text()
     assert "## CPU: first" in first and bench.NO_RUN["cuda"] in first  # no GPU run yet: the placeholder
+    assert bench.NO_RUN["gpu-check"] in first and "Not measured" in bench.NO_RUN["gpu-check"]
+    bench.update_markdown(path, "cpu-knobs", "## CPU training knobs: first\n")
+    assert "## CPU: first" in path.read_text()  # a knobs-only run keeps the main CPU section
     bench.update_markdown(path, "cuda", "## GPU: H200\n")
     bench.update_markdown(path, "cpu", "## CPU: second\n")
     text = path.read_text()
-    assert "## GPU: H200" in text and "## CPU: second" in text and "first" not in text
+    assert "## GPU: H200" in text and "## CPU: second" in text and "## CPU: first" not in text
+    assert "## CPU training knobs: first" in text
+    assert [text.index(f"<!-- bench:{k}:start -->") for k in bench.SECTIONS] == sorted(
+        text.index(f"<!-- bench:{k}:start -->") for k in bench.SECTIONS)
+    with pytest.raises(ValueError, match=re.escape("unknown BENCHMARKS.md section")):
+        bench.update_markdown(path, "tpu", "## TPU: x\n")
     assert bench.NO_RUN["cuda"] not in text and text.count("<!-- bench:cpu:start -->") == 1
     # an old placeholder (no device in its title) is rewritten with the current one
     path.write_text(text.replace("## GPU: H200", "## GPU\n\nold wording"))
