@@ -98,11 +98,12 @@ def test_quick_run_times_the_cpu_presets_knobs(quick_run: dict) -> None:
     assert knobs["experiment"] == "cpu_train" and knobs["model"]["name"] == "hybrid"
     assert knobs["model"]["width"] == 0.5 and 2.0 < knobs["params_m"] < 3.0  # the preset's light hybrid
     default, both, small = knobs["rows"]
-    # `default` is the preset as a CPU run resolves it (trainer=cpu): fp32, NCHW, eager, foreach Adam
+    # `default` is the preset as a CPU run resolves it (trainer=cpu): fp32, NHWC, eager, foreach Adam
     assert (default["name"], default["batch"], default["bf16"]) == ("default", 64, False)
-    assert not (default["channels_last"] or default["compile"] or default["fused"])
-    assert (both["name"], both["channels_last"], both["fused"], both["batch"]) == ("channels_last+fused", True, True, 64)
-    assert (small["name"], small["batch"], small["channels_last"]) == ("batch=2", 2, False)
+    assert default["channels_last"] and not (default["compile"] or default["fused"])
+    assert (both["name"], both["channels_last"], both["fused"], both["batch"]) == (
+        "channels_last=false+fused", False, True, 64)
+    assert (small["name"], small["batch"], small["channels_last"]) == ("batch=2", 2, True)  # the rest as default
     for row in knobs["rows"]:
         assert len(row["step_s"]) == row["timed_steps"] >= 2 and min(row["step_s"]) > 0
         assert row["images_per_s"] == pytest.approx(row["batch"] / statistics.median(row["step_s"]))
@@ -111,7 +112,7 @@ def test_quick_run_times_the_cpu_presets_knobs(quick_run: dict) -> None:
         statistics.median((2 / a) / (64 / d) for a, d in zip(small["step_s"], default["step_s"], strict=True))
     )
     rows = _cells(quick_run["md"], "### Training knobs")
-    assert [r[0] for r in rows] == ["default", "channels_last+fused", "batch=2"] and rows[0][7] == "1.00x"
+    assert [r[0] for r in rows] == ["default", "channels_last=false+fused", "batch=2"] and rows[0][7] == "1.00x"
     assert all(_number(r[6]) > 0 for r in rows)
     assert quick_run["md"].index("## CPU:") < quick_run["md"].index("## CPU training knobs:")
 

@@ -120,18 +120,9 @@ def test_single_run_leaves_a_complete_folder(tmp_path: Path, mini_archive: Path)
 @pytest.mark.slow
 def test_design_card_multirun(tmp_path: Path, mini_archive: Path) -> None:
     """``-m model=hybrid,resnet50 act=mish,relu6`` gives 4 complete jobs, each with its swept values in W&B."""
-    run_cli(
-        [
-            "-m",
-            "model=hybrid,resnet50",
-            "act=mish,relu6",
-            *TINY,
-            f"data.archive={mini_archive}",
-            "debug=limit",
-            "trainer.max_epochs=1",
-        ],
-        tmp_path,
-    )
+    sweep = ["-m", "model=hybrid,resnet50", "act=mish,relu6", *TINY, f"data.archive={mini_archive}", "debug=limit",
+             "trainer.max_epochs=1"]
+    run_cli(sweep, tmp_path)
     runs = run_dirs(tmp_path / "logs")
     assert len(runs) == 4
     seen = set()
@@ -144,18 +135,7 @@ def test_design_card_multirun(tmp_path: Path, mini_archive: Path) -> None:
     assert seen == {("hybrid", "mish"), ("hybrid", "relu6"), ("resnet50", "mish"), ("resnet50", "relu6")}
     # Same command again: every job is complete, so each one is skipped and nothing is rewritten.
     before = {r: (r / "metrics.json").stat().st_mtime_ns for r in runs}
-    out = run_cli(
-        [
-            "-m",
-            "model=hybrid,resnet50",
-            "act=mish,relu6",
-            *TINY,
-            f"data.archive={mini_archive}",
-            "debug=limit",
-            "trainer.max_epochs=1",
-        ],
-        tmp_path,
-    )
+    out = run_cli(sweep, tmp_path)
     assert "already completed" in out.stdout + out.stderr
     assert before == {r: (r / "metrics.json").stat().st_mtime_ns for r in runs}
 
