@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv and install the package with dev tools (pip install -e .[dev])
 
-test: install ## Run the whole test suite on real images (slow tests included; ~15 min on 2 cores)
+test: install ## Run the whole test suite on real images (slow tests included; ~25 min on 2 cores)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: install ## Run the tests not marked slow
