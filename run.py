@@ -96,6 +96,8 @@ def run(cfg: DictConfig, run_dir: Path, lead: bool) -> float | None:
     datamodule.prepare_data()
     datamodule.setup("fit")
     fp["data"] = data_identity(datamodule)
+    # which archive and normalization a result came from (pages show them); not part of the digest
+    fp["data"].update(sizes=datamodule.image_sizes(), normalization=datamodule.normalization)
     plan = Plan("fresh")
     if not train:
         load_checkpoint(Path(cfg.ckpt_path), cfg)

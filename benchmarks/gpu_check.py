@@ -129,7 +129,8 @@ def stage_bench(plan: Plan, work: Path, markdown: Path, budget: Budget, env: dic
     if rc != 0 or not raw.is_file():
         return {"status": f"failed (exit {rc}, see bench.log)"}
     record = json.loads(raw.read_text())
-    rows = [{k: r[k] for k in ("model", "size", "model_only", "e2e", "ratio")} for r in record.get("e2e", [])]
+    rows = [{k: r[k] for k in ("model", "size", "pipeline", "model_only", "e2e", "ratio")}
+            for r in record.get("e2e", []) if not r.get("reference")]  # the plain-loader reference row stays in bench
     return {"status": "completed", "e2e": rows, "checks": record.get("checks", [])}
 
 

@@ -233,45 +233,59 @@ class LoaderFeed:
         return self.dm.gpu_transform((x, y), train=True) if self.dm.pipeline == "cached" else (x, y)
 
 
-def e2e_rates(step: TrainStep, feed: LoaderFeed, steps: int, b: DictConfig) -> tuple[float, float]:
-    """(model-only, end-to-end) images/s of one model over ``b.e2e_rounds`` alternating block pairs."""
-    fixed = feed()  # model-only reuses this one real batch, already normalized on the device
-    for _ in range(b.warmup):  # through the loader: also warms the page cache and pinned buffers
-        step(*feed())
-    seconds = {"model": 0.0, "e2e": 0.0}
-    runs = {"model": lambda: step(*fixed), "e2e": lambda: step(*feed())}
+def e2e_rates(step: TrainStep, feeds: dict[str, LoaderFeed], steps: int, b: DictConfig) -> dict[str, float]:
+    """images/s of one model: ``model`` (alone) and each feed's end to end, over ``b.e2e_rounds`` rounds of
+    one block each, the order reversed every round."""
+    first = next(iter(feeds.values()))
+    fixed = first()  # model-only reuses this one real batch, already normalized on the device
+    for _ in range(b.warmup):  # through each loader: also warms the page cache and pinned buffers
+        for feed in feeds.values():
+            step(*feed())
+    runs: dict[str, Callable[[], None]] = {"model": lambda: step(*fixed)}
+    runs.update({name: (lambda feed=feed: step(*feed())) for name, feed in feeds.items()})
+    seconds = dict.fromkeys(runs, 0.0)
     for r in range(b.e2e_rounds):
-        for kind in ("model", "e2e") if r % 2 == 0 else ("e2e", "model"):  # flipped order each round
-            seconds[kind] += timed_block(feed.device, steps, runs[kind])
+        for kind in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            seconds[kind] += timed_block(first.device, steps, runs[kind])
     images = b.e2e_rounds * steps * b.batch_size
-    return images / seconds["model"], images / seconds["e2e"]
+    return {kind: images / s for kind, s in seconds.items()}
 
 
 def bench_e2e(cfg: DictConfig, setup: StepSetup) -> list[dict[str, Any]]:
-    """Real loader + device augmentation + step vs the step alone on a batch already on the device."""
+    """Real loader + device augmentation + step vs the step alone on a batch already on the device. Where
+    the cached pipeline prefetches in a thread (CUDA), the plain loader (``prefetch_batches=0``) is timed
+    beside it as the reference."""
     b, rows = cfg.bench, []
     data = OmegaConf.to_container(cfg.data, resolve=True)
     dm = ImagenetteDataModule(**{**data, "batch_size": b.batch_size})  # same batch as the model-only loop
     dm.prepare_data()
     dm.setup("fit")
+    dms = {"configured": dm}
+    if dm.pipeline == "cached" and dm.resolved_prefetch_batches > 0:
+        dms["plain"] = ImagenetteDataModule(**{**data, "batch_size": b.batch_size, "prefetch_batches": 0})
+        dms["plain"].setup("fit")  # the same cache, its own (identically seeded) streams
     steps = b.e2e_steps or len(dm.train_dataloader())  # CUDA default: one epoch per block
     for name in b.e2e_models:
         torch.manual_seed(cfg.seed)
-        model_rate, e2e_rate = e2e_rates(
-            TrainStep(create_model(name, NUM_CLASSES), setup), LoaderFeed(dm, setup.device), steps, b
+        rates = e2e_rates(
+            TrainStep(create_model(name, NUM_CLASSES), setup),
+            {kind: LoaderFeed(d, setup.device) for kind, d in dms.items()}, steps, b,
         )
-        rows.append(
-            {
-                "model": name,
-                "size": dm.transform_spec.crop,
-                "pipeline": dm.pipeline,
-                "model_only": model_rate,
-                "e2e": e2e_rate,
-                "ratio": e2e_rate / model_rate,
-                "timed_steps": b.e2e_rounds * steps,
-            }
-        )
-        print(f"  e2e {name}: model-only {model_rate:.1f}, end-to-end {e2e_rate:.1f} images/s", flush=True)
+        for kind, d in dms.items():
+            pipeline = d.pipeline if d.pipeline == "pil" else f"cached, prefetch {d.resolved_prefetch_batches}"
+            rows.append(
+                {
+                    "model": name,
+                    "size": d.transform_spec.crop,
+                    "pipeline": pipeline + (" (reference: plain DataLoader)" if kind == "plain" else ""),
+                    "reference": kind == "plain",
+                    "model_only": rates["model"],
+                    "e2e": rates[kind],
+                    "ratio": rates[kind] / rates["model"],
+                    "timed_steps": b.e2e_rounds * steps,
+                }
+            )
+            print(f"  e2e {name} ({rows[-1]['pipeline']}): model-only {rates['model']:.1f}, "
+                  f"end-to-end {rates[kind]:.1f} images/s", flush=True)
         _free(setup.device)
     return rows
-

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,9 +158,31 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str) ->
             for k in sorted(set(old) | set(new)) if old.get(k, "<absent>") != new.get(k, "<absent>")]
 
 
+# Config keys added after run folders already existed: an older folder's identity lacks them, and what its
+# code did then equals the value given here (a function of that folder's config). A rerun whose value
+# equals it is the same run; any other value is a difference like any other.
+KEYS_ADDED_LATER: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "data.train_fraction": lambda c: 1.0,  # the whole training split
+    "data.normalize": lambda c: "imagenet",  # data.mean/std as given
+    "model.zero_init_last": lambda c: c.get("model.norm") == "none",  # was always on without BatchNorm
+    "data.prefetch_batches": lambda c: None,  # auto (the batches are the same either way)
+}
+
+
+def with_keys_added_later(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """``old`` (a folder's dotted config keys) with the keys it predates and ``new`` has, filled in as its
+    code behaved."""
+    filled = dict(old)
+    for key, then in KEYS_ADDED_LATER.items():
+        if key in new and key not in filled:
+            filled[key] = then(filled)
+    return filled
+
+
 def compare(old: Mapping[str, Any], new: Mapping[str, Any], policy: str) -> list[tuple[str, Any, Any]]:
     """Differences that forbid skipping/resuming (``trainer.max_epochs`` is checked by the caller)."""
-    diffs = _differences(old.get("config", {}), new.get("config", {}), "")
+    new_config = new.get("config", {})
+    diffs = _differences(with_keys_added_later(old.get("config", {}), new_config), new_config, "")
     diffs = [d for d in diffs if d[0] != "trainer.max_epochs"]
     if new.get("data"):  # empty while the data is not prepared yet (the early, config-only check)
         diffs += _differences({"digest": old.get("data", {}).get("digest"), "folder": old.get("data", {}).get("folder")},

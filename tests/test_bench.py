@@ -87,7 +87,7 @@ def test_quick_run_measures_real_positive_numbers(quick_run: dict) -> None:
     assert step["same_layers"] is True  # ours is timm's MobileNetV2 exactly
     assert 2.0 < step["params_m"] < 2.5  # MobileNetV2 with a 10-class head: 2.24 M parameters
     (e2e,) = raw["e2e"]
-    assert e2e["size"] == 64 and e2e["pipeline"] == "cached" and e2e["model_only"] > 0 and e2e["e2e"] > 0
+    assert e2e["size"] == 64 and e2e["pipeline"] == "cached, prefetch 0" and e2e["model_only"] > 0 and e2e["e2e"] > 0
     assert {c["result"] for c in raw["checks"]} <= {"PASS", "FAIL"} and len(raw["checks"]) == 3
     assert raw["machine"]["torch_threads"] == 1 and raw["config"]["bench"]["batch_size"] == 4
 

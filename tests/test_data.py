@@ -39,6 +39,7 @@ from imagenette_lab.data import (
     MissingArchiveError,
     UnsafeArchiveError,
 )
+from imagenette_lab.data.prefetch import PrefetchLoader
 from imagenette_lab.data.sources import (
     DATASETS,
     VARIANTS,
@@ -209,6 +210,108 @@ def test_imagewoof_config_and_mismatch(tmp_path: Path, mini_root: Path) -> None:
         dm.prepare_data()
 
 
+# ------------------------------------------------------------------------------------------ subsets, statistics
+@pytest.mark.parametrize("pipeline", ["cached", "pil"])
+def test_train_fraction_is_a_seeded_stratified_subset(tmp_path: Path, mini_root: Path, pipeline: str) -> None:
+    def files(fraction: float, seed: int) -> list[Path]:
+        dm = make_dm(tmp_path, root=mini_root, pipeline=pipeline, train_fraction=fraction, seed=seed)
+        return ready(dm).train_files
+
+    dm = ready(make_dm(tmp_path, root=mini_root, pipeline=pipeline, train_fraction=0.25, seed=3, label_noise=50))
+    full = ready(make_dm(tmp_path, root=mini_root, pipeline=pipeline, seed=3, label_noise=50))
+    # 20 training images per class in the mini archive: a quarter is 5 of each, validation untouched
+    assert len(dm.train_set) == 50 and len(dm.val_set) == 100 and len(full.train_set) == 200
+    assert torch.bincount(dm.train_clean_labels, minlength=10).tolist() == [5] * 10
+    assert set(dm.train_files) < set(full.train_files)
+    # labels follow the chosen files (noisy ones included), and one epoch serves exactly the subset
+    by_file = dict(zip(full.train_files, full.train_labels.tolist(), strict=True))
+    assert dm.train_labels.tolist() == [by_file[f] for f in dm.train_files]
+    served = torch.cat([y for _, y in dm.train_dataloader()])
+    assert len(served) == 48 and set(served.tolist()) <= set(dm.train_labels.tolist())  # drop_last: 6 x 8
+    # seeded: same seed, same subset; another seed, another; a smaller fraction nests in a larger one
+    assert files(0.25, 3) == dm.train_files and files(0.25, 4) != dm.train_files
+    assert set(dm.train_files) < set(files(0.5, 3))
+    assert full.train_files == files(1.0, 3)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_prefetching_loader_serves_the_plain_loaders_batches(tmp_path: Path, mini_root: Path, fraction: float) -> None:
+    """The cached pipeline's thread-prefetched loader (the GPU default) yields exactly the plain loader's
+    batches, epoch after epoch, random validation crops and a train_fraction subset included, and leaves
+    the random streams where the plain loader leaves them after full epochs."""
+    def epochs(prefetch: int) -> tuple[list[torch.Tensor], dict]:
+        dm = ready(make_dm(tmp_path, root=mini_root, pipeline="cached", train_fraction=fraction, val_crop="random",
+                           seed=5, prefetch_batches=prefetch))
+        assert isinstance(dm.train_dataloader(), PrefetchLoader)
+        assert dm.train_dataloader().prefetch_batches == prefetch
+        out = []
+        for _ in range(2):
+            for loader in (dm.train_dataloader(), dm.val_dataloader()):
+                for x, y in loader:
+                    assert x.dtype == torch.uint8 and y.dtype == torch.int64
+                    out += [x, y]
+        return out, dm.streams.states()
+
+    plain, plain_states = epochs(0)
+    ahead, ahead_states = epochs(2)
+    assert len(plain) == len(ahead) > 8
+    assert all(torch.equal(a, b) for a, b in zip(plain, ahead, strict=True))
+    assert plain_states.keys() == ahead_states.keys()
+    assert all(torch.equal(v["state"], ahead_states[k]["state"]) for k, v in plain_states.items())
+    # a loop that stops early closes the thread (Lightning's limit_train_batches does this)
+    dm = ready(make_dm(tmp_path, root=mini_root, pipeline="cached", prefetch_batches=3))
+    first = next(iter(dm.train_dataloader()))
+    assert first[0].shape[0] == dm.batch_size
+    with pytest.raises(ValueError, match="prefetch_batches"):
+        make_dm(tmp_path, root=mini_root, prefetch_batches=-1)
+
+
+def _pooled_stats(paths: list[Path], resize: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std over every pixel of the images after the reference Resize (independent of the
+    data module's cache: PIL decode, torchvision resize, numpy sums)."""
+    import numpy as np
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    total, squares, count = np.zeros(3), np.zeros(3), 0
+    for path in paths:
+        im = F.resize(Image.open(path).convert("RGB"), [resize], interpolation=InterpolationMode.BILINEAR,
+                      antialias=True)
+        x = np.asarray(im, dtype=np.float64).reshape(-1, 3) / 255
+        total, squares, count = total + x.sum(0), squares + (x**2).sum(0), count + len(x)
+    mean = total / count
+    return mean.tolist(), np.sqrt(squares / count - mean**2).tolist()
+
+
+def test_normalize_dataset_uses_the_training_split_statistics(tmp_path: Path, mini_copy: Path) -> None:
+    dm = ready(make_dm(tmp_path, root=mini_copy, pipeline="cached", normalize="dataset", train_fraction=0.5))
+    mean, std = _pooled_stats(sorted(mini_copy.glob("train/*/*.JPEG")), 64)  # the whole split, not the subset
+    assert list(dm.transform_spec.mean) == pytest.approx(mean, abs=1e-6)
+    assert list(dm.transform_spec.std) == pytest.approx(std, abs=1e-6)
+    assert dm.normalization == {"normalize": "dataset", "mean": list(dm.transform_spec.mean),
+                                "std": list(dm.transform_spec.std)}
+    assert abs(mean[0] - MEAN.flatten()[0].item()) > 1e-3  # ImageNet's are not what was used
+    # batches are normalized with them: (x / 255 - mean) / std of the raw uint8 crop
+    raw, _ = dm.val_set[0]
+    got = dm.gpu_transform((raw[None], torch.zeros(1, dtype=torch.int64)), train=False)[0][0]
+    want = (raw.double() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    # the pil pipeline normalizes with the same numbers (computed without the cache)
+    pil = ready(make_dm(tmp_path / "other", root=mini_copy, pipeline="pil", normalize="dataset"))
+    assert list(pil.transform_spec.mean) == pytest.approx(mean, abs=1e-6)
+    # computed once: the record beside the resize cache is reused as long as the training files are the same
+    (record,) = tmp_path.glob("cache/*/stats-train-64px.json")
+    stamp = record.stat().st_mtime_ns
+    assert list(ready(make_dm(tmp_path, root=mini_copy, normalize="dataset")).transform_spec.mean) == pytest.approx(mean)
+    assert record.stat().st_mtime_ns == stamp
+    victim = sorted(mini_copy.glob("train/*/*.JPEG"))[0]
+    Image.open(victim).convert("RGB").point(lambda v: 255 - v).save(victim, quality=95)  # a changed image
+    changed = ready(make_dm(tmp_path, root=mini_copy, normalize="dataset")).transform_spec.mean
+    assert record.stat().st_mtime_ns != stamp and list(changed) != pytest.approx(mean, abs=1e-6)
+    # and the default stays ImageNet's
+    assert ready(make_dm(tmp_path, root=mini_copy)).transform_spec.mean == (0.485, 0.456, 0.406)
+
+
 # ------------------------------------------------------------------------------------------ images
 def test_grayscale_and_cmyk_become_rgb(tmp_path: Path, mini_copy: Path) -> None:
     converted = []
@@ -242,6 +345,13 @@ def test_non_square_variable_size_images(tmp_path: Path, mini_copy: Path) -> Non
             assert images.shape[1:] == (3, 56, 56) and torch.isfinite(images).all()
             n += len(labels)
         assert n in (200, 100)
+    # the stored sizes a page quotes (which archive a result came from), read back from the files
+    for split, files in (("train", dm.train_files), ("val", dm.val_files)):
+        hw = [Image.open(f).size[::-1] for f in files]
+        got = dm.image_sizes()[split]
+        assert got["images"] == len(files) and got["min"] == [min(h for h, _ in hw), min(w for _, w in hw)]
+        assert got["max"] == [max(h for h, _ in hw), max(w for _, w in hw)]
+        assert got["square"] == pytest.approx(sum(h == w for h, w in hw) / len(hw))
 
 
 # ------------------------------------------------------------------------------------------ bad data
@@ -486,6 +596,10 @@ def test_datamodule_download_checks_published_checksum(
         ({"erase_scale": [0.5, 0.1]}, "data.erase_scale=[0.5, 0.1] must be [min, max]"),
         ({"hflip_p": 1.5}, "data.hflip_p=1.5 is a probability"),
         ({"std": [0.2, 0.2]}, "data.std=[0.2, 0.2] must have 3 values"),
+        ({"train_fraction": 0}, "data.train_fraction=0 must be in (0, 1]"),
+        ({"train_fraction": 1.5}, "data.train_fraction=1.5 must be in (0, 1]"),
+        ({"train_fraction": True}, "data.train_fraction=True must be in (0, 1]"),
+        ({"normalize": "per_image"}, "data.normalize='per_image' is not one of imagenet, dataset"),
     ],
 )
 def test_bad_config_fails_before_touching_data(tmp_path: Path, kwargs: dict, message: str) -> None:

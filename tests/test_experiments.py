@@ -6,31 +6,39 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from imagenette_lab.callbacks import read_epochs_csv
 from imagenette_lab.config_checks import validate_config
 from imagenette_lab.report import EXPERIMENTS, expand_sweep, load_runs, make_arms, render
 from imagenette_lab.report.build import published_for
-from imagenette_lab.report.runs import natural_key
+from imagenette_lab.report.claims import CLAIMS
+from imagenette_lab.report.runs import arm_key, natural_key
+from imagenette_lab.resolvers import register as register_resolvers
 from tests.test_train import REPO, run_cli
+
+register_resolvers()  # run.py does this before Hydra composes: optim=sgd's linear scaling reads batch_scaled_lr
 
 EXPERIMENT_DIR = REPO / "conf" / "experiment"
 PRESETS = {"cpu_train"}  # conf/experiment files that are presets, not report reproductions
 # experiment -> number of arms (seeds apart) of its sweep at (full, quick) scale
 ARMS = {
     "architectures": 6,
-    "table1": 2,
-    "dropout": 8,
+    "table1": 3,
+    "dropout": 12,
     "lr_schedule": 2,
     "activation": 2,
     "blurpool": 2,
     "resize": 8,
     "batch_size": 4,
-    "optimizer": 2,
+    "optimizer": 3,
     "label_noise": 3,
+    "dataset_size": 4,
+    "normalize": 2,
 }
 
 
@@ -139,6 +147,44 @@ def test_sweeps_match_the_report() -> None:
         "see test_experiments_name_their_sweep_folder"
     )
     assert compose_job(["experiment=optimizer", "optim=adam"]).optim.lr == pytest.approx(0.00024)
+    assert _arm_values("dataset_size", "full", "data.train_fraction") == ["0.25", "0.5", "0.75", "1.0"]
+    assert _arm_values("normalize", "full", "data.normalize") == ["dataset", "imagenet"]
+
+
+def _arm_cfg(name: str, arm: str, *extra: str) -> DictConfig:
+    return compose_job([f"experiment={name}", f"{arm_key(name)}={arm}", *extra])
+
+
+def test_two_setting_arms_compose_as_the_report_needs() -> None:
+    """Arms that change two things at once (conf/experiment/arm/<experiment>/): Table 1's second ResNet50 is
+    Section IV.4's lr 0.001 with cosine; SGD at He et al.'s 0.1 unscaled and linearly scaled to the batch;
+    the no-BN dropout arms with and without the zero-init fix."""
+    assert _arm_values("table1", "full", arm_key("table1")) == ["hybrid", "resnet50", "resnet50_lr1e-3"]
+    got = {a: _arm_cfg("table1", a) for a in ("hybrid", "resnet50", "resnet50_lr1e-3")}
+    assert [(c.model.name, c.optim.lr) for c in got.values()] == [
+        ("hybrid", pytest.approx(0.00024)), ("resnet50", pytest.approx(0.00024)), ("resnet50", pytest.approx(0.001)),
+    ]
+    assert {c.sched.scheduler.T_max for c in got.values()} == {10} and got["hybrid"].model.width == 1.0
+    # SGD: He et al.'s 0.1 at batch 256; sgd_linear scales it by batch / 256 at every scale and batch
+    assert _arm_values("optimizer", "full", arm_key("optimizer")) == ["adam", "sgd", "sgd_linear"]
+    assert _arm_cfg("optimizer", "adam").optim._target_ == "torch.optim.Adam"
+    sgd = _arm_cfg("optimizer", "sgd")
+    assert sgd.optim._target_ == "torch.optim.SGD" and sgd.optim.lr == pytest.approx(0.1)
+    for extra, batch in (([], 32), (["scale=quick"], 64), (["data.batch_size=128"], 128)):
+        linear = _arm_cfg("optimizer", "sgd_linear", *extra)
+        assert linear.data.batch_size == batch and linear.optim.lr == pytest.approx(0.1 * batch / 256)
+        assert linear.optim.momentum == pytest.approx(0.9) and linear.optim._target_ == "torch.optim.SGD"
+    # optim=sgd scales when asked, outside the experiment too
+    asked = compose_job(["optim=sgd", 'optim.lr="${batch_scaled_lr:0.1,256,${data.batch_size}}"', "data.batch_size=64"])
+    assert asked.optim.lr == pytest.approx(0.025)
+    # dropout without BN: the report's init, and the zero-init fix as its own arm
+    assert _arm_values("dropout", "full", arm_key("dropout")) == ["batch", "none", "none_zero_init"]
+    for arm, norm, zero in (("batch", "batch", False), ("none", "none", False), ("none_zero_init", "none", True)):
+        cfg = _arm_cfg("dropout", arm, "model.width=0.25", "model.rb_groups=4")
+        assert (cfg.model.norm, cfg.model.zero_init_last) == (norm, zero)
+        net = instantiate(cfg.model)
+        zeroed = sum(isinstance(m, torch.nn.Conv2d) and not m.weight.any() for m in net.modules())
+        assert zeroed == (34 if zero else 0)  # both passes' projections of the hybrid's 17 blocks
 
 
 def test_unlisted_resize_fails_with_a_fix() -> None:
@@ -164,8 +210,10 @@ TEST_SWEEP: dict[str, dict[str, str]] = {
     "batch_size": {**SMALL_HYBRID, "data.batch_size": "8,16"},
     "optimizer": SMALL_HYBRID,
     "label_noise": {**SMALL_HYBRID, "data.label_noise": "0,50"},
+    "dataset_size": {**SMALL_HYBRID, "data.train_fraction": "0.5,1.0"},
+    "normalize": SMALL_HYBRID,
 }
-TEST_ARMS = {"dropout": 4}  # others: 2
+TEST_ARMS = {"dropout": 6, "table1": 3, "optimizer": 3}  # others: 2
 TINY_RUN = {
     "trainer": "cpu",
     "data.resize": "40",
@@ -201,7 +249,7 @@ def tiny_sweeps(tmp_path_factory: pytest.TempPathFactory, mini_archive: Path) ->
         proc = run_cli(args, tmp, check=False)
         outputs[name] = (proc.returncode, proc.stdout[-2000:] + proc.stderr[-4000:])
     results = tmp / "results"
-    render([tmp / "logs" / "multiruns"], results)
+    render([tmp / "logs" / "multiruns"], results, claims=True)
     return tmp / "logs", results, outputs
 
 
@@ -231,18 +279,39 @@ def test_experiment_runs_and_renders(name: str, tiny_sweeps: tuple[Path, Path, d
     for row, arm in zip(rows, arms, strict=True):
         cell = dict(zip(header, row, strict=True))
         assert cell["n"] == "1"
-        # one seed: the value itself (no ± std), equal to the run's metrics.json
-        assert float(cell["val acc (%)"]) == pytest.approx(100 * arm.completed[0].final("val/acc"), abs=0.051)
+        # one seed: the value itself (no ± std), equal to the run's metrics.json (best) and epochs.csv (last)
+        run = arm.completed[0]
+        assert float(cell["val acc, best epoch (%)"]) == pytest.approx(100 * run.final("val/acc"), abs=0.051)
+        last = read_epochs_csv(Path(run.source) / "epochs.csv")[-1]["val/acc"]
+        assert float(cell["val acc, last epoch (%)"]) == pytest.approx(100 * last, abs=0.051)
         pub = published_for(arm, spec)
         if pub is not None:  # the report's number beside ours
             assert cell["report (%)"] == pub.fmt()
     assert "needs at least 2 seeds per arm" in page  # one seed: reported, not tested
+    # where the numbers come from and where the page departs from the report; no machine path anywhere
+    assert "- **Data:** archive `imagenette2-224-mini.tgz` → folder `imagenette2-224-mini`, 200 train / 100 val" in page
+    assert "## Where this departs from the report" in page and "the full scale's 30 epochs are our assumption" in page
+    assert str(logs.parent) not in page and str(REPO) not in page
     for kind in spec.figures:
         png = results / scale / f"{name}_{kind}.png"
         assert png.is_file() and png.stat().st_size > 10_000, png
         assert f"]({name}_{kind}.png)" in page
     if name == "table1":
         assert "## Per-class accuracy (Table 1)" in page and "| tench |" in page and "| 93.5 |" in page
+        assert "resnet50_lr1e-3: report (%)" in page and "Section IV.4" in page
+    if name == "optimizer":  # the linearly scaled SGD arm ran at 0.1 x 8 / 256
+        assert sorted(r.config("optim.lr") for r in runs) == pytest.approx([0.00024, 0.1 * 8 / 256, 0.1])
+        assert "| sgd_linear | 0.003125 | 8 |" in page
+    if name == "dropout":
+        assert {(r.config("model.norm"), r.config("model.zero_init_last")) for r in runs} == {
+            ("batch", False), ("none", False), ("none", True)}
+        assert "arm=none_zero_init" in page and "block_drop_rate=0.5" in page and "zero-initializes the last conv" in page
+    if name == "label_noise":
+        assert "**What this tests.**" in page and "replaced on purpose" in page
+    if name == "dataset_size":
+        assert sorted(r.config("data.train_fraction") for r in runs) == [0.5, 1.0]
+    if name == "normalize":
+        assert sorted(r.config("data.normalize") for r in runs) == ["dataset", "imagenet"]
     if name == "activation":
         assert "## Time to accuracy" in page and "epochs to 80%" in page
     if name == "batch_size":
@@ -252,3 +321,27 @@ def test_experiment_runs_and_renders(name: str, tiny_sweeps: tuple[Path, Path, d
         assert sorted(r.config("data.crop") for r in runs) == [17, 32]
     if name in ("table1", "architectures", "lr_schedule", "activation"):
         assert "report (%)" in header
+
+
+@pytest.mark.slow
+def test_claims_cover_every_experiment(tiny_sweeps: tuple[Path, Path, dict]) -> None:
+    """CLAIMS.md, rendered from the same tiny sweeps: one row per claim, a verdict per scale run, the page
+    linked; claims of experiments that ran are judged (one seed: not resolved), the others are not yet run."""
+    _, results, _ = tiny_sweeps
+    text = (results / "CLAIMS.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(CLAIMS)
+    header = next(line for line in text.splitlines() if line.startswith("| # |"))
+    assert "verdict, full" in header and "verdict, quick" in header  # resize ran at the quick scale
+    full = {name for name in TEST_SWEEP if name != "resize"}
+    for claim, row in zip(CLAIMS, rows, strict=True):
+        assert claim.text in row
+        if claim.experiment in full:
+            assert f"[page](full/{claim.experiment}.md)" in row
+            assert f"**not yet run** — `make {claim.experiment} SCALE=full`" not in row
+        if claim.experiment == "resize":
+            assert "**not yet run** — `make resize SCALE=full`" in row and "[page](quick/resize.md)" in row
+        if claim.experiment is None:
+            assert row.count("**not tested here**") == 2
+    counts = next(r for c, r in zip(CLAIMS, rows, strict=True) if c.experiment == "any")
+    assert "200 train / 100 val images" in counts and "**does not hold**" in counts  # the mini archive

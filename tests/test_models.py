@@ -258,11 +258,38 @@ def test_block_drop_rate_puts_dropout_in_every_block(name: str, images: torch.Te
         assert torch.equal(plain(x), plain(x))
 
 
+class DropoutRecorder(TorchFunctionMode):
+    """Records ``(p, input shape)`` of every active dropout call (``nn.Dropout`` and ``F.dropout`` alike)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[float, tuple[int, ...]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.functional.dropout:
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            if training and p > 0:
+                self.calls.append((float(p), tuple(args[0].shape)))
+        return func(*args, **kwargs)
+
+
+def dropout_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[float, tuple[int, ...]]]:
+    with torch.no_grad(), DropoutRecorder() as rec:
+        model(x)
+    return rec.calls
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_drop_rate_is_dropout_before_the_classifier(name: str, images: torch.Tensor):
     x = small(images)
     model = create_model(name, NUM_CLASSES, drop_rate=0.5)
-    assert not [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p == 0.3]
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]  # the classifier
+    # In training: exactly one dropout, of p = drop_rate, on the classifier's (batch, features) input.
+    assert dropout_calls(model.train(), x) == [(0.5, (x.shape[0], head.in_features))]
+    assert dropout_calls(model.eval(), x) == []
+    assert dropout_calls(create_model(name, NUM_CLASSES).train(), x) == []  # default drop_rate = 0: none
     with torch.no_grad():
         assert not torch.allclose(model.train()(x), model(x))
         assert torch.equal(model.eval()(x), model(x))
@@ -277,14 +304,46 @@ def test_norm_none_removes_every_batchnorm(name: str, images: torch.Tensor):
     assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
     assert count_params(model) < count_params(batch)
     logits = model(small(images))
-    # residual branches start at zero without BN, so logits stay O(1) instead of growing with depth
-    assert torch.isfinite(logits).all() and logits.abs().max() < 10
+    assert torch.isfinite(logits).all()
     logits.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     # activations are kept when the norm they were fused with goes
     assert sum(activation_calls(model, small(images)).values()) == sum(
         activation_calls(batch, small(images)).values()
     )
+
+
+# Residual branches per model: ResNet-34/50/50-D 3+4+6+3 blocks; MobileNetV2's blocks with a skip
+# (stride 1, same width) 0+1+2+3+2+2+0; the hybrid's 17 blocks have two passes each.
+RESIDUAL_BRANCHES = {"resnet34": 16, "resnet50": 16, "resnet50d": 16, "mobilenetv2": 10, "hybrid": 34}
+
+
+def zero_convs(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) and not m.weight.any() for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(RESIDUAL_BRANCHES))
+def test_zero_init_last_is_a_flag_off_by_default(name: str, images: torch.Tensor):
+    """The report had no zero-init fix: without BN the default keeps every branch's last conv random; the
+    flag zeroes exactly one conv per residual branch, so each block starts as its shortcut and the logits
+    stay O(1) however deep the network."""
+    torch.manual_seed(0)
+    plain = create_model(name, NUM_CLASSES, norm="none")
+    torch.manual_seed(0)
+    fixed = create_model(name, NUM_CLASSES, norm="none", zero_init_last=True)
+    assert zero_convs(plain) == 0
+    assert zero_convs(fixed) == RESIDUAL_BRANCHES[name]
+    x = small(images)
+    with torch.no_grad():
+        out_plain, out_fixed = plain.eval()(x), fixed.eval()(x)
+    assert torch.isfinite(out_plain).all() and out_fixed.abs().max() < 10
+    assert out_fixed.abs().max() < out_plain.abs().max()  # the branches' sums no longer grow with depth
+    cfg = OmegaConf.create(
+        {"data": {"num_classes": NUM_CLASSES}, "model": OmegaConf.load(CONF / "model" / f"{name}.yaml")}
+    )
+    assert cfg.model.zero_init_last is False  # the config default is the report's setting
+    with pytest.raises(ValueError, match=r"zero_init_last=True only applies with norm='none'"):
+        create_model(name, NUM_CLASSES, zero_init_last=True)  # BatchNorm: nothing to fix
 
 
 # --- parameter counts ------------------------------------------------------------------------------------
@@ -416,6 +475,8 @@ def test_count_macs_on_a_known_layer():
         ("hybrid", {"width": 0}, ValueError, "width=0"),
         ("hybrid", {"rb_groups": 0}, ValueError, "rb_groups=0"),
         ("googlenet", {"blurpool": "yes"}, ValueError, "blurpool"),
+        ("hybrid", {"norm": "none", "zero_init_last": 1}, ValueError, "zero_init_last=1 must be true or false"),
+        ("googlenet", {"norm": "none", "zero_init_last": True}, ValueError, "no residual branches"),
     ],
 )
 def test_bad_flags_fail_before_building(name: str, kwargs: dict, error: type, message: str):

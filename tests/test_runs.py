@@ -27,6 +27,7 @@ from imagenette_lab.run_identity import (
     LOCATION_KEYS,
     SUPERSEDED_DIR,
     RunIdentityError,
+    compare,
     job_dirname,
     plan_run,
 )
@@ -256,3 +257,19 @@ def test_sigusr2_under_submitit_checkpoints_and_requeues(tmp_path: Path, mini_ar
     submitit_logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob(".submitit/*/*_log.*"))
     assert "Caught signal SIGUSR2" in submitit_logs and "Calling checkpoint method" in submitit_logs
     assert not list(run.glob(".*.tmp"))  # no half-written file left by the signal
+
+
+def test_folders_older_than_a_config_key_match_only_the_value_their_code_used() -> None:
+    """A key added later (absent from an older folder's identity) is filled in as the old code behaved:
+    the same run matches, a run that differs through that key is refused."""
+    code = {"torch": "x"}
+    old = {"config": {"model.name": "resnet34", "model.norm": "batch", "data.crop": 224}, "code": code}
+    same = {"config": {**old["config"], "model.zero_init_last": False, "data.train_fraction": 1.0}, "code": code}
+    assert compare(old, same, "strict") == []
+    half = {"config": {**same["config"], "data.train_fraction": 0.5}, "code": code}
+    assert compare(old, half, "strict") == [("data.train_fraction", 1.0, 0.5)]
+    # without BatchNorm the old code always zero-initialised the last conv: the new default differs
+    no_bn = {"config": {**old["config"], "model.norm": "none"}, "code": code}
+    new_no_bn = {"config": {**no_bn["config"], "model.zero_init_last": False}, "code": code}
+    assert compare(no_bn, new_no_bn, "strict") == [("model.zero_init_last", True, False)]
+    assert compare(no_bn, {"config": {**no_bn["config"], "model.zero_init_last": True}, "code": code}, "strict") == []

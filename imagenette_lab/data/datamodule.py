@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import pil_loader
 
 from imagenette_lab import resume
 from imagenette_lab.data.cache import CachedCropDataset, ImageCache, build_cache, cache_dir
 from imagenette_lab.data.errors import CorruptImagesError
+from imagenette_lab.data.prefetch import PrefetchLoader
 from imagenette_lab.data.sources import DATASETS, VARIANTS, file_lock, resolve_source
+from imagenette_lab.data.stats import channel_stats, image_sizes, stratified_subset
 from imagenette_lab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 ON_CORRUPT = ("error", "skip")
 PIPELINES = ("cached", "pil")
 VAL_CROPS = ("center", "random")
+NORMALIZE = ("imagenet", "dataset")  # imagenet: data.mean/std as configured | dataset: the training split's
 
 
 class ImageListDataset(Dataset):
@@ -72,7 +76,8 @@ class ImagenetteDataModule(L.LightningDataModule):
 
     * ``pipeline="pil"``: the torchvision reference runs per image in the loader workers;
     * ``pipeline="cached"``: the loader yields uint8 crops sliced from the resize cache in the main
-      process (``num_workers`` is not used: worker IPC would cost more than the slicing) and
+      process (``num_workers`` is not used: worker IPC would cost more than the slicing; with CUDA a
+      thread slices ``prefetch_batches`` batches ahead into pinned memory, see :mod:`.prefetch`) and
       :meth:`on_after_batch_transfer` (Lightning calls it after moving the batch to the device) flips,
       normalizes and erases the whole batch on that device when ``trainer.training``, and only
       normalizes otherwise. Without a trainer, call :meth:`gpu_transform` yourself.
@@ -80,6 +85,11 @@ class ImagenetteDataModule(L.LightningDataModule):
     Validation crops are centred by default (``val_crop="center"``); the report literally used the
     training RandomCrop for validation too (``val_crop="random"``), which makes validation accuracy a
     random variable. Constructor arguments are the keys of ``conf/data/imagenette.yaml``.
+
+    ``train_fraction < 1`` trains on a seeded, class-stratified subset of the training split (nested across
+    fractions for one seed; validation is always the whole split). ``normalize="dataset"`` replaces
+    ``mean``/``std`` by the per-channel statistics of the whole training split after Resize, computed once
+    and kept beside the resize cache (see :mod:`imagenette_lab.data.stats`).
 
     Random streams: shuffling, training crops, validation crops and the device-side augmentation each
     have their own generator per rank, seeded from ``seed`` by :func:`imagenette_lab.resume.stream_seed`
@@ -113,9 +123,12 @@ class ImagenetteDataModule(L.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        prefetch_batches: int | None = None,
         drop_last: bool = True,
         seed: int = 0,
         mirror: str | None = None,
+        train_fraction: float = 1.0,
+        normalize: str = "imagenet",
     ) -> None:
         super().__init__()
         _choice("dataset", dataset, list(DATASETS))
@@ -125,6 +138,8 @@ class ImagenetteDataModule(L.LightningDataModule):
         _choice("on_corrupt", on_corrupt, ON_CORRUPT)
         _choice("pipeline", pipeline, PIPELINES)
         _choice("val_crop", val_crop, VAL_CROPS)
+        _choice("normalize", normalize, NORMALIZE)
+        stratified_subset([], train_fraction, 0)  # validates data.train_fraction before any data is touched
         self.spec = DATASETS[dataset]
         if num_classes != len(self.spec.classes):
             raise ValueError(
@@ -137,6 +152,10 @@ class ImagenetteDataModule(L.LightningDataModule):
             raise ValueError(f"data.resize={resize!r} must be an integer >= data.crop={crop} (px)")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
+        if prefetch_batches is not None and (
+            isinstance(prefetch_batches, bool) or not isinstance(prefetch_batches, int) or prefetch_batches < 0
+        ):
+            raise ValueError(f"data.prefetch_batches={prefetch_batches!r} must be null (auto) or an integer >= 0")
         for key, value in (("hflip_p", hflip_p), ("erase_p", erase_p)):
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"data.{key}={value!r} is a probability and must lie in [0, 1]")
@@ -165,11 +184,14 @@ class ImagenetteDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
+        self.prefetch_batches = prefetch_batches
         self.drop_last = bool(drop_last)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"data.seed={seed!r} (the run's seed) must be an integer >= 0")
         self.seed = seed
         self.mirror = mirror
+        self.train_fraction = float(train_fraction)
+        self.normalize = normalize
         self.augment = BatchAugment(self.transform_spec)
         # seeded for this process's rank in setup(); the "augment" stream lives on the batches' device
         self.streams = resume.RandomStreams(seed, cpu=("shuffle", "train_crop", "val_crop"))
@@ -241,12 +263,23 @@ class ImagenetteDataModule(L.LightningDataModule):
             for split in SPLITS
         }
 
+    def _record(self, verified: VerifiedDataset, name: str) -> Path:
+        """A statistics file kept beside the resize caches of this dataset folder."""
+        return cache_dir(self.data_dir, verified.root, "train", self.transform_spec.resize).parent / name
+
+    def _dataset_stats(self, verified: VerifiedDataset, caches: dict[str, ImageCache]) -> dict[str, Any]:
+        resize = self.transform_spec.resize
+        return channel_stats(verified.root, [r.path for r in self._usable(verified, "train")], resize,
+                             self._record(verified, f"stats-train-{resize}px.json"), caches.get("train"))
+
     def prepare_data(self) -> None:
-        """Fetch, extract, verify every image and (``pipeline=cached``) build the resize cache."""
+        """Fetch, extract, verify every image, (``pipeline=cached``) build the resize cache and
+        (``normalize=dataset``) compute the training split's mean/std."""
         with file_lock(self.data_dir / ".prepare.lock"):
             verified = self._verify(self._resolve(prepare=True))
-            if self.pipeline == "cached":
-                self._caches(verified)
+            caches = self._caches(verified) if self.pipeline == "cached" else {}
+            if self.normalize == "dataset":
+                self._dataset_stats(verified, caches)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the train/val datasets (labels from the CSV, ``label_noise`` for training)."""
@@ -258,12 +291,18 @@ class ImagenetteDataModule(L.LightningDataModule):
         with file_lock(self.data_dir / ".prepare.lock"):
             verified = self._verify(self._resolve(prepare=False))
             caches = self._caches(verified) if self.pipeline == "cached" else {}  # built by prepare_data
+            if self.normalize == "dataset":  # computed by prepare_data: read back here
+                stats = self._dataset_stats(verified, caches)
+                self.transform_spec = replace(self.transform_spec, mean=tuple(stats["mean"]), std=tuple(stats["std"]))
+                self.augment = BatchAugment(self.transform_spec)  # Normalize of both pipelines reads the spec
         train_rows, val_rows = self._usable(verified, "train"), self._usable(verified, "val")
+        keep = stratified_subset([r.wnid for r in train_rows], self.train_fraction, self.seed)  # all when 1.0
         index = {w: i for i, w in enumerate(self.spec.wnids)}
-        self.train_files = [verified.root / r.path for r in train_rows]
+        labels = torch.tensor([index[r.noisy[self.label_noise]] for r in train_rows])  # the whole split
+        self.train_files = [verified.root / train_rows[i].path for i in keep]
+        self.train_labels = labels[keep]
+        self.train_clean_labels = torch.tensor([index[train_rows[i].wnid] for i in keep])
         self.val_files = [verified.root / r.path for r in val_rows]
-        self.train_labels = torch.tensor([index[r.noisy[self.label_noise]] for r in train_rows])
-        self.train_clean_labels = torch.tensor([index[r.wnid] for r in train_rows])
         self.val_labels = torch.tensor([index[r.wnid] for r in val_rows])
         spec = self.transform_spec
         if self.pipeline == "pil":
@@ -276,21 +315,33 @@ class ImagenetteDataModule(L.LightningDataModule):
         else:
             # separate train and validation crop streams: how many validation batches run (sanity checks,
             # limit_val_batches) must not move the training crops
-            self.train_set = CachedCropDataset(
-                caches["train"], self.train_labels, spec.crop, True, generator=self.streams.cpu["train_crop"]
+            whole = CachedCropDataset(
+                caches["train"], labels, spec.crop, True, generator=self.streams.cpu["train_crop"]
             )
+            # the cache holds the whole split (one cache for every fraction): a subset indexes into it
+            self.train_set = whole if len(keep) == len(train_rows) else Subset(whole, keep)
             self.val_set = CachedCropDataset(
                 caches["val"], self.val_labels, spec.crop, spec.val_crop == "random", self.streams.cpu["val_crop"]
             )
         self.verified = verified
-        log.info(
-            "%s: %d train / %d val images, label_noise=%d%% (%d training labels differ from the clean ones)",
-            verified.root.name,
-            len(train_rows),
-            len(val_rows),
-            self.label_noise,
-            int((self.train_labels != self.train_clean_labels).sum()),
-        )
+        log.info("%s: %d train (train_fraction=%g) / %d val images, label_noise=%d%% (%d training labels differ "
+                 "from the clean ones), normalize=%s: mean %s, std %s", verified.root.name, len(self.train_files),
+                 self.train_fraction, len(val_rows), self.label_noise,
+                 int((self.train_labels != self.train_clean_labels).sum()), self.normalize,
+                 [round(v, 4) for v in spec.mean], [round(v, 4) for v in spec.std])
+
+    @property
+    def normalization(self) -> dict[str, Any]:
+        """The per-channel mean/std the batches are normalized with (after ``setup``), and where they came from."""
+        spec = self.transform_spec
+        return {"normalize": self.normalize, "mean": list(spec.mean), "std": list(spec.std)}
+
+    def image_sizes(self) -> dict[str, Any]:
+        """Stored image sizes per split, ``{split: {"images", "min": [h, w], "max": [h, w], "square"}}``, read
+        from the file headers once per dataset folder (after ``setup``): which archive a result came from."""
+        verified = self._require()
+        splits = {s: [r.path for r in self._usable(verified, s)] for s in SPLITS}
+        return image_sizes(verified.root, splits, self._record(verified, "image-sizes.json"))
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
@@ -307,8 +358,13 @@ class ImagenetteDataModule(L.LightningDataModule):
         # shipping the crop from a worker process through shared memory (measured: worker IPC alone
         # caps below the in-process slicing rate), so num_workers only applies to the pil pipeline.
         workers = self.num_workers if self.pipeline == "pil" else 0
-        return DataLoader(
+        if self.pipeline == "cached":
+            loader, extra = PrefetchLoader, {"prefetch_batches": self.resolved_prefetch_batches}
+        else:
+            loader, extra = DataLoader, {}
+        return loader(
             dataset,
+            **extra,
             batch_size=self.batch_size,
             shuffle=train,
             # one generator for the whole run: each epoch gets a new, reproducible permutation (and, with
@@ -319,6 +375,14 @@ class ImagenetteDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
         )
+
+    @property
+    def resolved_prefetch_batches(self) -> int:
+        """Cached pipeline: batches sliced ahead in a thread; auto (None) = 2 with CUDA, 0 on a CPU (where
+        the thread would only take a core from the training step)."""
+        if self.prefetch_batches is not None:
+            return self.prefetch_batches
+        return 2 if torch.cuda.is_available() else 0
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) training batches; the last incomplete batch dropped when ``drop_last``."""

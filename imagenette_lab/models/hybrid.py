@@ -119,9 +119,10 @@ class HybridMobileNetV2(nn.Module):
         aa_layer: anti-aliasing (BlurPool) for every stride-2 conv, or None.
         drop_rate: dropout probability before the classifier.
         block_drop_rate: dropout probability inside both passes of every block.
-        zero_init_last: zero-init both passes' projection convs so every block starts as its shortcut;
-            ``create_model`` sets it for ``norm='none'``, where nothing else keeps the three-branch sums
-            from growing block after block (with BN, each pass is normalized).
+        zero_init_last: zero-init both passes' projection convs so every block starts as its shortcut; the
+            ``model.zero_init_last`` flag (``norm='none'`` only), where nothing else keeps the three-branch
+            sums from growing block after block (with BN, each pass is normalized). Off by default: the
+            report had no such fix.
         stages: (t, c, n, s) rows of the body, MobileNetV2's by default.
     """
 

@@ -8,6 +8,8 @@ Flags mean the same on every model:
 * ``norm``: ``batch`` (BatchNorm after every conv) or ``none`` (removed).
 * ``blurpool``: anti-aliased downsampling (Zhang 2019) on every stride-2 conv and pool.
 * ``width``: channel multiplier, only for the MobileNet-shaped models.
+* ``zero_init_last``: with ``norm='none'``, zero-initialize the last conv of every residual branch so each
+  block starts as its shortcut. A fix the report did not have, so off by default (the report's setting).
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ def _mobilenetv2(num_classes: int, **flags: object) -> nn.Module:
 
 
 def _googlenet(
-    num_classes: int, *, act: str, norm: str, blurpool: bool, width: float, aux_logits: bool, **drops: float
+    num_classes: int, *, act: str, norm: str, blurpool: bool, width: float, aux_logits: bool, zero_init_last: bool,
+    **drops: float,
 ) -> nn.Module:
+    if zero_init_last:
+        raise ValueError("zero_init_last=True is not supported by 'googlenet': it has no residual branches to zero")
     return GoogLeNet(
         num_classes,
         aux_logits=aux_logits,
@@ -67,7 +72,6 @@ def _hybrid(num_classes: int, *, act: str, norm: str, blurpool: bool, **kwargs: 
         act_layer=act_layer(act),
         norm_layer=norm_act_layer(norm, act),
         aa_layer=BlurPool if blurpool else None,
-        zero_init_last=norm == "none",
         **kwargs,
     )
 
@@ -116,7 +120,7 @@ _REGISTRY: dict[str, ModelSpec] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
-_COMMON_FLAGS = ("act", "drop_rate", "block_drop_rate", "norm", "blurpool", "width")
+_COMMON_FLAGS = ("act", "drop_rate", "block_drop_rate", "norm", "blurpool", "width", "zero_init_last")
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -150,6 +154,7 @@ def create_model(
     norm: str = "batch",
     blurpool: bool = False,
     width: float | None = None,
+    zero_init_last: bool = False,
     **arch_kwargs: object,
 ) -> nn.Module:
     """Build registry model ``name`` from scratch (random init, never pretrained).
@@ -164,6 +169,8 @@ def create_model(
         norm: ``batch`` or ``none``.
         blurpool: anti-alias every stride-2 conv and pool with BlurPool (Zhang 2019).
         width: channel multiplier (mobilenetv2, hybrid); None = 1.0.
+        zero_init_last: only with ``norm='none'``: zero-init the last conv of every residual branch (blocks
+            start as their shortcut). False = the report's setting, which had no such fix.
         **arch_kwargs: ``aux_logits`` (googlenet), ``rb_groups`` (hybrid).
 
     Returns:
@@ -188,6 +195,13 @@ def create_model(
         raise ValueError(f"unknown normalization norm={norm!r}; choose one of {NORMS}")
     if not isinstance(blurpool, bool):
         raise ValueError(f"blurpool={blurpool!r} must be true or false")
+    if not isinstance(zero_init_last, bool):
+        raise ValueError(f"zero_init_last={zero_init_last!r} must be true or false")
+    if zero_init_last and norm != "none":
+        raise ValueError(
+            f"zero_init_last=True only applies with norm='none' (got norm={norm!r}): with BatchNorm each branch is "
+            "normalized already; set norm=none or leave zero_init_last=false"
+        )
     if width is not None:
         if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
             raise ValueError(f"width={width!r} must be a number > 0 (a channel multiplier)")
@@ -210,6 +224,7 @@ def create_model(
         norm=norm,
         blurpool=blurpool,
         width=float(width or 1.0),
+        zero_init_last=zero_init_last,
         **{**spec.arch_kwargs, **arch_kwargs},
     )
 

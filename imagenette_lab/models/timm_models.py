@@ -8,9 +8,10 @@ this module adds after construction (each is a swap of a layer timm leaves as a 
   reduction is blurred (Zhang 2019's fully anti-aliased variant).
 * ``block_drop_rate``: timm's only in-block regularizers are DropBlock (ResNet stages 3-4) and drop-path;
   the report's "dropout in all bottlenecks" goes in the Identity slot every block already has.
-* ``norm='none'``: timm's ResNet zero-inits each residual branch's last BN so blocks start as identity;
-  without BN that is impossible, so the branch's last conv is zero-initialized instead (same intent;
-  MobileNetV2's residual blocks get the same, which keeps its logits O(1) at init without BN).
+* ``zero_init_last`` (only with ``norm='none'``): timm's ResNet zero-inits each residual branch's last BN so
+  blocks start as identity; without BN that is impossible, so the flag zero-initializes the branch's last
+  conv instead (same intent; MobileNetV2's residual blocks get the same). Off by default: the report had
+  no such fix, and its no-BN arms are the ones it saw fail to learn.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def build_resnet(
     block_drop_rate: float,
     norm: str,
     blurpool: bool,
+    zero_init_last: bool = False,
 ) -> ResNet:
     """timm's ``resnet34``/``resnet50``/``resnet50d`` from scratch, with the ablation flags applied."""
     kwargs: dict[str, object] = dict(act_layer=act, drop_rate=drop_rate)
@@ -46,7 +48,7 @@ def build_resnet(
         # timm's DropBlock slot: after the bottleneck's 3x3 conv + BN (a basic block's first 3x3),
         # before its activation
         block.drop_block = dropout(block_drop_rate)
-        if norm == "none":
+        if zero_init_last and norm == "none":
             last_conv = block.conv2 if isinstance(block, BasicBlock) else block.conv3
             nn.init.zeros_(last_conv.weight)
     if blurpool:
@@ -87,6 +89,7 @@ def build_mobilenetv2(
     norm: str,
     blurpool: bool,
     width: float,
+    zero_init_last: bool = False,
 ) -> EfficientNet:
     """timm's MobileNetV2 (Sandler et al. 2018) from scratch, with the ablation flags applied.
 
@@ -105,7 +108,7 @@ def build_mobilenetv2(
             # The squeeze-excite slot (an Identity in MobileNetV2) sits after the depthwise conv and its
             # activation, right before the linear projection: the dropout goes there
             block.se = dropout(block_drop_rate)
-            if norm == "none" and block.has_skip:  # as for ResNet: residual blocks start as identity
+            if zero_init_last and norm == "none" and block.has_skip:  # as for ResNet: blocks start as identity
                 nn.init.zeros_(
                     block.conv_pwl.weight if isinstance(block, InvertedResidual) else block.conv_pw.weight
                 )

@@ -1,6 +1,7 @@
 """``python -m imagenette_lab.report SWEEP_DIR... [--out DIR] [--wandb ENTITY/PROJECT] [--wandb-offline DIR]
-[--experiment NAME]``:
-render every experiment found (offline from run folders, or from W&B) to ``DIR/<scale>/<experiment>.md``."""
+[--experiment NAME] [--claims | --claims-only]``:
+render every experiment found (offline from run folders, or from W&B) to ``DIR/<scale>/<experiment>.md``
+and, with ``--claims``, every claim of the report with its verdicts to ``DIR/CLAIMS.md``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="read the offline W&B run files under FOLDER instead of the run folders (repeatable)")
     ap.add_argument("--experiment", action="append", default=[], help="only these experiments (repeatable)")
     ap.add_argument("--check", action="store_true", help="print the tables only, write nothing")
+    ap.add_argument("--claims", action="store_true",
+                    help="also write OUT/CLAIMS.md from every run loaded (give it all the sweeps, e.g. logs/multiruns)")
+    ap.add_argument("--claims-only", action="store_true", help="write OUT/CLAIMS.md only, no pages")
     args = ap.parse_args(argv)
     if not args.sweep_dirs and not args.wandb and not args.wandb_offline:
         ap.error("give at least one SWEEP_DIR (e.g. logs/multiruns), --wandb ENTITY/PROJECT or --wandb-offline DIR")
@@ -30,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             for report in build_reports(runs):
                 print(f"\n## {report.experiment} ({report.scale})\n\n{report.tables['accuracy'].markdown()}")
             return 0
-        for path in render(args.sweep_dirs, args.out, args.wandb, args.experiment, args.wandb_offline):
+        for path in render(args.sweep_dirs, args.out, args.wandb, args.experiment, args.wandb_offline,
+                           claims=args.claims or args.claims_only, pages=not args.claims_only):
             print(path)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,11 +1,14 @@
 """Turn the runs of one experiment into its artefact: Markdown tables (mean ± std, n, the report's number),
-significance lines, PNG figures and the list of runs that were not averaged."""
+significance lines, PNG figures, where the page departs from the report and the runs that were not averaged.
+
+Two accuracies per arm: the *best* epoch's (the best checkpoint re-validated; optimistic, because the
+same validation set chose that epoch) and the *last* epoch's (fixed in advance by the epoch count). The
+significance tests use the last epoch's, Benjamini-Hochberg corrected when a page tests several arms."""
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,15 +16,13 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from imagenette_lab.provenance import PROVENANCE_FILE  # one JSON line per multirun, in the sweep folder
-
 from . import figures as F
-from .experiments import ExperimentSpec, Published, spec_for
-from .runs import Arm, Run, fixed_overrides, group_runs, make_arms, seeds_of, slug, swept_keys
-from .stats import Comparison, Summary, summarize, welch
+from .experiments import ExperimentSpec, Match, Published, spec_for
+from .fidelity import common_departures, data_lines, fmt_seconds, provenance_lines, read_provenance
+from .measures import best_acc, last_acc, last_value, mean_epoch_s, thresholds_of, time_to
+from .runs import Arm, Run, display_key, fixed_overrides, group_runs, make_arms, seeds_of, slug, swept_keys
+from .stats import Comparison, Summary, adjust_bh, summarize, welch
 from .tables import Table
-
-DEFAULT_THRESHOLDS = (0.80, 0.85, 0.90)  # the module's default time-to-accuracy thresholds
 
 
 @dataclass
@@ -64,22 +65,6 @@ class ExperimentReport:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _acc(runs: Iterable[Run]) -> list[float]:
-    return [r.final("val/acc") for r in runs]
-
-
-def _last(run: Run, key: str) -> float:
-    _, values = run.curve(key)
-    return float(values[-1]) if values.size else math.nan
-
-
-def _mean_epoch_s(run: Run, key: str = "time/epoch_s") -> float:
-    """Mean over epochs of ``time/epoch_s`` (whole epoch: training, validation, checkpoint) or
-    ``time/train_s`` (training batches only)."""
-    _, secs = run.curve(key)
-    return float(np.mean(secs)) if secs.size else math.nan
-
-
 def published_for(arm: Arm, spec: ExperimentSpec) -> Published | None:
     return next((p for p in spec.published if arm.matches(p.match)), None)
 
@@ -92,45 +77,26 @@ def reference_arm(arms: Sequence[Arm], spec: ExperimentSpec) -> Arm | None:
     return None
 
 
-def time_to(run: Run, threshold: float) -> tuple[float, float] | None:
-    """(epoch, seconds) at which validation accuracy first reached ``threshold``; None if never.
-
-    Uses the module's record (``metrics.json`` ``time_to_acc``, seconds including validation) when it has this
-    threshold, else the first epoch in ``epochs.csv`` (seconds: summed ``time/epoch_s`` of the epochs so far)."""
-    recorded = run.metrics.get("time_to_acc") or {}
-    key = f"{threshold:.2f}"
-    if key in recorded:
-        hit = recorded[key]
-        return None if hit is None else (float(hit["epoch"]), float(hit["seconds"]))
-    epochs, acc = run.curve("val/acc")
-    ep_t, secs = run.elapsed()
-    t_of = dict(zip(ep_t.tolist(), secs.tolist(), strict=True))
-    for e, a in zip(epochs.tolist(), acc.tolist(), strict=True):
-        if a >= threshold:
-            return float(e), t_of.get(e, math.nan)
-    return None
-
-
-def thresholds_of(runs: Sequence[Run]) -> list[float]:
-    """The recorded time-to-accuracy thresholds worth showing: those some run reached, the next one up, and
-    0.80 (the report's)."""
-    found = sorted({float(k) for r in runs for k in (r.metrics.get("time_to_acc") or {})} or DEFAULT_THRESHOLDS)
-    reached = [t for t in found if any(time_to(r, t) for r in runs)]
-    unreached = [t for t in found if t not in reached]
-    return sorted({*reached, *unreached[:1], *(t for t in found if abs(t - 0.80) < 1e-9)})
+def _arm(arms: Sequence[Arm], match: Match) -> Arm | None:
+    return next((a for a in arms if a.matches(match)), None)
 
 
 # ------------------------------------------------------------------------------------------ tables
 def comparisons(arms: Sequence[Arm], spec: ExperimentSpec) -> list[Comparison]:
-    """Each arm against the reference (the report's baseline/choice); with no reference and two arms, the
-    first against the second."""
+    """The spec's explicit pairs, else each arm against the reference (the report's baseline/choice); with no
+    reference and two arms, the first against the second. Welch's t-test on the last epoch's accuracy,
+    Benjamini-Hochberg adjusted when more than one test is made."""
+    pairs: list[tuple[Arm, Arm]] = []
+    for match_a, match_b in spec.pairs:
+        a, b = _arm(arms, match_a), _arm(arms, match_b)
+        if a is not None and b is not None:
+            pairs.append((a, b))
     ref = reference_arm(arms, spec)
-    if ref is None:
-        if len(arms) != 2:
-            return []
-        a, b = arms
-        return [welch(_acc(a.completed), _acc(b.completed), a.label, b.label)]
-    return [welch(_acc(a.completed), _acc(ref.completed), a.label, ref.label) for a in arms if a is not ref]
+    if not pairs and ref is not None:
+        pairs = [(a, ref) for a in arms if a is not ref]
+    elif not pairs and len(arms) == 2:
+        pairs = [(arms[0], arms[1])]
+    return adjust_bh([welch(last_acc(a.completed), last_acc(b.completed), a.label, b.label) for a, b in pairs])
 
 
 def _n_cell(arm: Arm) -> str:
@@ -139,36 +105,41 @@ def _n_cell(arm: Arm) -> str:
 
 
 def main_table(arms: Sequence[Arm], spec: ExperimentSpec, comps: Sequence[Comparison]) -> Table:
-    keys = list(arms[0].values) if arms else []
+    keys = [display_key(k) for k in arms[0].values] if arms else []
     has_pub = any(published_for(a, spec) for a in arms)
-    by_label = {c.a: c for c in comps}
-    show_delta = len(comps) > 1
+    refs = {c.b for c in comps}
+    by_label = {c.a: c for c in comps} if len(refs) == 1 else {}  # one Δ column needs one common baseline
+    show_delta = len(comps) > 1 and len(refs) == 1
     ref = comps[0].b if comps else ""
-    cols = [" / ".join(keys) or "runs", *(c for c, _ in spec.columns), "n", "val acc (%)"]
+    cols = [" / ".join(keys) or "runs", *(c for c, _ in spec.columns), "n", "val acc, best epoch (%)",
+            "val acc, last epoch (%)"]
     cols += ["report (%)"] if has_pub else []
-    cols += [f"Δ vs {ref} (pp)"] if show_delta else []
+    cols += [f"Δ last vs {ref} (pp)"] if show_delta else []
     cols += ["val loss", "train acc, last epoch (%)", "epochs", "s / epoch", "params (M)"]
     table = Table(cols)
     for arm in arms:
         done = arm.completed
         pub = published_for(arm, spec)
         extra = [", ".join(sorted({str(r.config(key)) for r in arm.runs})) for _, key in spec.columns]
-        row: list[str] = [arm.label, *extra, _n_cell(arm), summarize(_acc(done)).fmt(100)]
+        row: list[str] = [arm.label, *extra, _n_cell(arm), summarize(best_acc(done)).fmt(100),
+                          summarize(last_acc(done)).fmt(100)]
         row += [pub.fmt() if pub else "—"] if has_pub else []
         row += [by_label[arm.label].short() if arm.label in by_label else "(reference)"] if show_delta else []
         epochs = sorted({int(r.metrics.get("epochs_completed") or 0) for r in done})
         params = summarize([float(r.metrics.get("params") or math.nan) for r in done])
         row += [
             summarize([r.final("val/loss") for r in done]).fmt(1, 3),
-            summarize([_last(r, "train/acc") for r in done]).fmt(100),
+            summarize([last_value(r, "train/acc") for r in done]).fmt(100),
             "–".join(str(e) for e in (epochs[0], epochs[-1])[: 1 if len(epochs) == 1 else 2]) if epochs else "—",
-            summarize([_mean_epoch_s(r) for r in done]).fmt(1, 1),
+            summarize([mean_epoch_s(r) for r in done]).fmt(1, 1),
             f"{params.mean / 1e6:.2f}" if params.n else "—",
         ]
         table.add(*row)
     table.caption = (
-        "val acc: final validation accuracy (of the best checkpoint), mean ± sample std over seeds; n: completed "
-        "seeds averaged. s / epoch: wall time of a whole epoch (training, validation, checkpoint)."
+        "val acc, best epoch: the best checkpoint re-validated, i.e. the epoch the validation set itself chose "
+        "(optimistic); val acc, last epoch: the last epoch's validation accuracy, fixed in advance by the epoch "
+        "count, which the significance tests use. Both mean ± sample std over seeds; n: completed seeds averaged. "
+        "s / epoch: wall time of a whole epoch (training, validation, checkpoint)."
     )
     return table
 
@@ -241,12 +212,12 @@ def overfit_table(arms: Sequence[Arm]) -> Table:
             if loss.size:
                 best.append(float(epochs[int(np.argmin(loss))]))
                 rise.append(float(loss[-1] - loss.min()))
-            gap.append((_last(r, "train/acc") - _last(r, "val/acc")) * 100)
+            gap.append((last_value(r, "train/acc") - last_value(r, "val/acc")) * 100)
             _, rate = r.curve("time/train_images_per_s")
             ips.append(float(np.mean(rate)) if rate.size else math.nan)
         table.add(
             arm.label, str(len(arm.completed)), summarize(best).fmt(1, 1), summarize(rise).fmt(1, 3),
-            summarize(gap).fmt(1, 1), summarize([_mean_epoch_s(r, "time/train_s") for r in arm.completed]).fmt(1, 1),
+            summarize(gap).fmt(1, 1), summarize([mean_epoch_s(r, "time/train_s") for r in arm.completed]).fmt(1, 1),
             summarize(ips).fmt(1, 0),
         )
     table.caption = (
@@ -271,44 +242,6 @@ def _short_source(run: Run) -> str:
     path = Path(run.source.split(" (")[0])
     name = path.name if run.status != "missing" else ",".join(f"{k}={v}" for k, v in run.overrides.items())
     return f"`{name}`"
-
-
-# ------------------------------------------------------------------------------------------ provenance
-def read_provenance(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """The ``provenance.jsonl`` lines of the sweep folders these runs live in."""
-    out: list[dict[str, Any]] = []
-    for folder in sorted({Path(r.source.split(" (")[0]).parent for r in runs if r.status != "missing"}
-                         | {Path(r.source.split(" (")[0]) for r in runs if r.status == "missing"}):
-        path = folder / PROVENANCE_FILE
-        if path.is_file():
-            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return out
-
-
-def _fmt_seconds(seconds: float) -> str:
-    if seconds is None or math.isnan(seconds):
-        return "—"
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"
-
-
-def _provenance_lines(prov: Sequence[dict[str, Any]]) -> list[str]:
-    lines = []
-    for p in prov:
-        machine = p.get("machine") or {}
-        where = ", ".join(str(machine[k]) for k in ("cpu", "cores", "gpu", "os") if machine.get(k))
-        if "jobs" in p:
-            ended = "jobs " + ", ".join(f"{n} {status}" for status, n in p["jobs"].items())
-        else:  # lines written before the Hydra callback recorded job statuses
-            ended = f"exit code {p.get('returncode')}"
-        lines.append(
-            f"- `{p.get('make') or p.get('command')}` — {p.get('started', '?')}, took {_fmt_seconds(p.get('seconds'))} "
-            f"(h:mm:ss), {ended}; machine: {where or 'unknown'}"
-        )
-        if p.get("make") and p.get("command"):
-            lines.append(f"  - ran: `{p['command']}`")
-    return lines
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -375,24 +308,30 @@ def render_markdown(report: ExperimentReport, runs: Sequence[Run]) -> str:
         f"# {spec.title} — {report.scale} scale",
         "",
         f"- **Reproduces:** {spec.section}. **The report:** {spec.claim}",
-        f"- **Swept:** {', '.join(f'`{k}`' for k in keys) or '(nothing varies)'} · {len(report.arms)} arms · "
+        f"- **Swept:** {', '.join(f'`{display_key(k)}`' for k in keys) or '(nothing varies)'} · "
+        f"{len(report.arms)} arms · "
         f"seeds {', '.join(seeds) or '—'} · {sum(len(a.completed) for a in report.arms)} completed runs, "
         f"{len(report.problems)} not averaged",
         f"- **Fixed overrides:** {' '.join(f'`{o}`' for o in fixed_overrides(runs)) or '—'}",
         f"- **Code:** git {', '.join(revs) or 'unknown'} · training time of the completed runs: "
-        f"{_fmt_seconds(train_s)} (h:mm:ss, summed)",
+        f"{fmt_seconds(train_s)} (h:mm:ss, summed)",
     ]
+    out += data_lines(runs)
     if report.provenance:
-        out += ["- **Produced by:**", *["  " + line for line in _provenance_lines(report.provenance)]]
+        out += ["- **Produced by:**", *["  " + line for line in provenance_lines(report.provenance)]]
     if report.scale != "full" and spec.quick:
         out += ["", f"> **{report.scale} scale — what it can and cannot say:** {spec.quick}"]
+    departures = [*common_departures(runs, report.scale), *spec.departures]
+    out += ["", "## Where this departs from the report", "", *[f"- {d}" for d in departures]]
     out += ["", "## Accuracy", "", report.tables["accuracy"].markdown(), ""]
     if report.comparisons:
-        out += ["**Significance** (Welch's t-test over seeds; the report drew its conclusions from single runs):", ""]
+        out += ["**Significance** (Welch's t-test over seeds on the **last** epoch's validation accuracy; the "
+                "report drew its conclusions from single runs):", ""]
         out += [f"- {c.sentence()}" for c in report.comparisons]
-        tested = sum(c.testable for c in report.comparisons)
-        if tested > 1:
-            out += [f"- {tested} tests against the reference; p-values are not corrected for multiplicity."]
+        if any(c.adjusted for c in report.comparisons):
+            tested = sum(c.testable for c in report.comparisons)
+            out += [f"- {tested} tests on this page: p-values are Benjamini-Hochberg adjusted (false discovery "
+                    "rate, scipy's `false_discovery_control`), and significance is judged on the adjusted ones."]
         out += [""]
     titles = {"per_class": "Per-class accuracy (Table 1)", "time_to_acc": "Time to accuracy",
               "overfit": "Overfitting and speed"}
@@ -418,9 +357,14 @@ def render(
     wandb_path: str | None = None,
     experiments: Sequence[str] = (),
     wandb_offline: Sequence[str | Path] = (),
+    claims: bool = False,
+    pages: bool = True,
 ) -> list[Path]:
     """Load runs (from folders, W&B online and/or offline W&B run files), build every artefact and write
-    them to ``out_dir/<scale>/``."""
+    them to ``out_dir/<scale>/``; with ``claims``, also ``out_dir/CLAIMS.md`` from every run loaded (so give
+    it all the sweeps: a claim whose experiment is absent reads *not yet run*); ``pages=False`` writes
+    CLAIMS.md only."""
+    from .claims import CLAIMS_FILE, claims_markdown
     from .runs import load_runs
     from .wandb_source import load_offline_wandb_runs, load_wandb_runs
 
@@ -437,8 +381,14 @@ def render(
             "(e.g. `make table1 SCALE=quick`) or point at logs/multiruns/<experiment>/<scale>"
         )
     written: list[Path] = []
-    for report in build_reports(runs):
+    reports = build_reports(runs)
+    for report in reports if pages else []:
         written += report.write(Path(out_dir) / slug(report.scale))
+    if claims:
+        path = Path(out_dir) / CLAIMS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(claims_markdown(reports, path.parent))
+        written.append(path)
     return written
 
 

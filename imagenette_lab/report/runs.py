@@ -33,6 +33,18 @@ COMPLETED = "completed"
 SEED_KEY = "seed"
 # Keys that select the experiment/scale themselves: they name the section, they are never an arm.
 CONTEXT_KEYS = ("experiment", "scale")
+# An experiment's arm group (conf/experiment/arm/<experiment>/), swept as ``experiment/arm/<name>@_global_``
+ARM_KEY = re.compile(r"experiment/arm/[\w-]+@_global_")
+
+
+def arm_key(experiment: str) -> str:
+    """The override key that sweeps ``experiment``'s arm group (``conf/experiment/arm/<experiment>/``)."""
+    return f"experiment/arm/{experiment}@_global_"
+
+
+def display_key(key: str) -> str:
+    """How a swept key is shown on pages: an experiment's arm group is just ``arm``."""
+    return "arm" if ARM_KEY.fullmatch(key) else key
 
 
 def override_key(override: str) -> str:
@@ -262,7 +274,7 @@ class Arm:
         """``hybrid`` for a single swept word; ``resize=280`` for numbers and booleans, which need their key."""
         if not self.values:
             return "all runs"
-        items = [(k.rsplit(".", 1)[-1], "default" if v is None else str(v)) for k, v in self.values.items()]
+        items = [(display_key(k).rsplit(".", 1)[-1], "default" if v is None else str(v)) for k, v in self.values.items()]
         if len(items) == 1 and re.fullmatch(r"[A-Za-z][\w-]*", items[0][1]) and items[0][1] not in ("True", "False"):
             return items[0][1]
         return ", ".join(f"{k}={v}" for k, v in items)

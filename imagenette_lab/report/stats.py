@@ -1,11 +1,12 @@
-"""Summaries over seeds and the significance line for two-arm comparisons (Welch's t-test via scipy)."""
+"""Summaries over seeds and the significance line for two-arm comparisons (Welch's t-test via scipy), with
+the Benjamini-Hochberg correction (scipy's ``false_discovery_control``) when a page tests several arms."""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -54,21 +55,33 @@ class Comparison:
     df: float
     p: float
     note: str = ""  # why no test was possible, when it was not
+    p_adj: float = math.nan  # Benjamini-Hochberg adjusted p when the page tests several arms (see adjust_bh)
 
     @property
     def testable(self) -> bool:
         return not math.isnan(self.p)
 
     @property
+    def adjusted(self) -> bool:
+        return not math.isnan(self.p_adj)
+
+    @property
+    def p_decisive(self) -> float:
+        """The p-value the verdict uses: the adjusted one when several arms were tested."""
+        return self.p_adj if self.adjusted else self.p
+
+    @property
     def significant(self) -> bool:
-        return self.testable and self.p < ALPHA
+        return self.testable and self.p_decisive < ALPHA
 
     def short(self, unit: str = "pp") -> str:
         """``+1.2 pp (p=0.04)`` for a table cell."""
         if math.isnan(self.diff):
             return "—"
         head = f"{self.diff:+.1f} {unit}"
-        return f"{head} (p={self.p:.2g})" if self.testable else f"{head} (n/a)"
+        if not self.testable:
+            return f"{head} (n/a)"
+        return f"{head} (p={self.p:.2g}, BH {self.p_adj:.2g})" if self.adjusted else f"{head} (p={self.p:.2g})"
 
     def sentence(self, unit: str = "pp", metric: str = "validation accuracy") -> str:
         """One line for the report: difference, CI, test statistic, p and what it means."""
@@ -81,9 +94,10 @@ class Comparison:
             f"significant at α = {ALPHA}" if self.significant
             else f"not significant at α = {ALPHA}: the seeds cannot tell these arms apart"
         )
+        adjusted = f", Benjamini-Hochberg adjusted p = {self.p_adj:.3g}" if self.adjusted else ""
         return (
             f"{head}, {CONFIDENCE:.0%} CI [{self.ci_low:+.2f}, {self.ci_high:+.2f}] {unit}; Welch's t = {self.t:.2f}, "
-            f"df = {self.df:.1f}, p = {self.p:.3g} (n = {self.n_a} vs {self.n_b} seeds) — {verdict}."
+            f"df = {self.df:.1f}, p = {self.p:.3g}{adjusted} (n = {self.n_a} vs {self.n_b} seeds) — {verdict}."
         )
 
 
@@ -111,3 +125,17 @@ def welch(a: Sequence[float], b: Sequence[float], label_a: str, label_b: str, sc
         label_a, label_b, int(xa.size), int(xb.size), diff, float(ci.low), float(ci.high),
         float(res.statistic), float(res.df), float(res.pvalue),
     )
+
+
+def adjust_bh(comparisons: Sequence[Comparison]) -> list[Comparison]:
+    """The comparisons with Benjamini-Hochberg adjusted p-values (scipy's ``false_discovery_control``) when
+    more than one of them is testable; unchanged otherwise. The adjustment controls the false discovery rate
+    over the arms a page tests against its reference."""
+    tested = [i for i, c in enumerate(comparisons) if c.testable]
+    if len(tested) < 2:
+        return list(comparisons)
+    adjusted = stats.false_discovery_control([comparisons[i].p for i in tested], method="bh")
+    out = list(comparisons)
+    for i, p_adj in zip(tested, adjusted, strict=True):
+        out[i] = replace(out[i], p_adj=float(p_adj))
+    return out
