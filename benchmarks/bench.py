@@ -4,15 +4,15 @@ and the CPU preset's training knobs.
 Four measurements, each printed as a table and written to its section of ``BENCHMARKS.md`` (a run
 rewrites the sections it measured and keeps the others):
 
-1. **Loader** (issue 6): training batches per second of the torchvision PIL reference
+1. **Loader**: training batches per second of the torchvision PIL reference
    (``data.pipeline=pil``) against the resize cache (``cached``), each in its own process (peak RSS
    measured there), timed in turns so that both see the same machine load.
-2. **Training step** (issue 6): forward + cross-entropy + backward + Adam on synthetic batches already
+2. **Training step**: forward + cross-entropy + backward + Adam on synthetic batches already
    on the device, our ``create_model`` network against the library constructor of the same architecture
    (timm / torchvision), interleaved step by step so both see the same machine load.
-3. **End to end** (issue 6): the same step fed by the real ``ImagenetteDataModule`` loader (+ its
+3. **End to end**: the same step fed by the real ``ImagenetteDataModule`` loader (+ its
    device-side augmentation) against the model alone on a batch already in memory: the data path's tax.
-4. **Knobs** (issue 12, CPU only): the CPU preset's training step with channels_last, torch.compile, a
+4. **Knobs** (CPU only): the CPU preset's training step with channels_last, torch.compile, a
    fused optimizer and other batch sizes, side by side, as ratios to the preset's own settings
    (``benchmarks/cpu_knobs.py``). Only these rows: ``make bench ARGS='bench.parts=[knobs]'``.
 

@@ -1,4 +1,4 @@
-"""CPU training knobs (issue 12, part ``knobs``): images/s of the CPU preset's training step with
+"""CPU training knobs (part ``knobs``): images/s of the CPU preset's training step with
 channels_last, torch.compile, a fused optimizer, bf16 autocast and the batch size changed, side by side in
 one run, as ratios to the preset's own settings (what ``make train`` on a CPU does today).
 

@@ -1,4 +1,4 @@
-"""``make gpu-check``: issue 12's GPU measurements as one prepared script (under 8 minutes on one H200).
+"""``make gpu-check``: the GPU measurements as one prepared script (under 8 minutes on one H200).
 
 1. ``make bench``'s GPU section for ResNet-50 at 224 px (loader, training step, end to end; bf16,
    channels_last, torch.compile, fused Adam): its targets are >= 3,000 images/s end to end and
@@ -50,7 +50,7 @@ from imagenette_lab.models import create_model
 
 GIB = 2**30  # bytes per GiB
 DEPS = ("hydra", "omegaconf", "antlr4")  # pure-Python packages the GPU machine lacks (run.py, bench config)
-TARGET_E2E = 3000.0  # images/s, ResNet-50 224 px bf16 end to end on one H200 (issue 12)
+TARGET_E2E = 3000.0  # images/s, ResNet-50 224 px bf16 end to end on one H200
 TARGET_RATIO = 0.9  # x, end-to-end / model-only
 
 

@@ -1,4 +1,4 @@
-# Report experiments (issue 5). Included by the Makefile (`include docs/makefile_experiments.mk`), which
+# Report experiments. Included by the Makefile (`include docs/makefile_experiments.mk`), which
 # provides PY, DATA_ARGS, ARGS and the `install` target.
 #
 #   make <experiment> [SCALE=full|quick] [SEEDS=1,2,3] [ARGS="hydra overrides"]

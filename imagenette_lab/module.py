@@ -223,9 +223,6 @@ class ClassifierModule(pl.LightningModule):
                 if hit is None and acc >= float(key):
                     self.time_to_acc[key] = {"epoch": self.current_epoch + 1, "seconds": self.train_seconds}
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
     # ---------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

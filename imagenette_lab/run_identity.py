@@ -164,7 +164,8 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str) ->
 KEYS_ADDED_LATER: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "data.train_fraction": lambda c: 1.0,  # the whole training split
     "data.normalize": lambda c: "imagenet",  # data.mean/std as given
-    "model.zero_init_last": lambda c: c.get("model.norm") == "none",  # was always on without BatchNorm
+    # was always on without BatchNorm, in every model with residual branches (GoogLeNet has none)
+    "model.zero_init_last": lambda c: c.get("model.norm") == "none" and c.get("model.name") != "googlenet",
     "data.prefetch_batches": lambda c: None,  # auto (the batches are the same either way)
 }
 

@@ -1,4 +1,4 @@
-"""The report's experiments (issue 5): every ``conf/experiment/*.yaml`` composes at both scales into valid
+"""The report's experiments: every ``conf/experiment/*.yaml`` composes at both scales into valid
 jobs, runs through ``run.py -m`` on the real mini archive, and its artefact renders from that tiny sweep."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The GPU preset's code paths, exercised on the CPU (issue 12): no host read per training step, the
+"""The GPU preset's code paths, exercised on the CPU: no host read per training step, the
 non-finite-loss record read only at check points, and bf16-mixed + channels_last + compile + a fused
 optimizer completing a real run whose checkpoint loads into a fresh model."""
 

@@ -1,4 +1,4 @@
-"""Model zoo (issue 3): registry and configs, flags that really change the networks, parameter counts.
+"""Model zoo: registry and configs, flags that really change the networks, parameter counts.
 
 Inputs are real ImageNette images at 32-64 px so every model runs on 2 CPU cores in seconds.
 """
@@ -37,6 +37,7 @@ SMALL = 32  # px, smallest input every model must take (5 stride-2 reductions le
 # Name of the torch function each activation ends up calling (ReLU6 is a hardtanh in PyTorch)
 ACT_FUNCTION = {"relu": "relu", "relu6": "hardtanh", "mish": "mish", "silu": "silu", "gelu": "gelu"}
 DEFAULT_ACT = {
+    "resnet18": "relu",
     "resnet34": "relu",
     "resnet50": "relu",
     "resnet50d": "relu",
@@ -44,9 +45,10 @@ DEFAULT_ACT = {
     "mobilenetv2": "relu6",
     "hybrid": "mish",
 }
-# Blocks that must hold the report's "dropout in all bottlenecks": ResNet-34/50 have 3+4+6+3 blocks,
+# Blocks that must hold the report's "dropout in all bottlenecks": ResNet-34/50 have 3+4+6+3 blocks (ResNet-18 2+2+2+2),
 # MobileNetV2 and hybrid 1+2+3+4+3+3+1 (the hybrid has one in each of its 2 passes), GoogLeNet 9 Inceptions
 BLOCK_DROPOUTS = {
+    "resnet18": 8,
     "resnet34": 16,
     "resnet50": 16,
     "resnet50d": 16,
@@ -107,17 +109,19 @@ def activation_calls(model: nn.Module, x: torch.Tensor) -> Counter[str]:
 
 def test_registry_names_equal_config_stems():
     assert tuple(sorted(MODEL_NAMES)) == MODEL_NAMES
-    assert set(MODEL_NAMES) == {p.stem for p in (CONF / "model").glob("*.yaml")}
+    assert set(MODEL_NAMES) == {p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.startswith("_")}
     assert set(ACTIVATIONS) == {p.stem for p in (CONF / "act").glob("*.yaml")}
-    assert set(MODEL_NAMES) == {"resnet34", "resnet50", "resnet50d", "mobilenetv2", "googlenet", "hybrid"}
+    assert set(MODEL_NAMES) == {"resnet18", "resnet34", "resnet50", "resnet50d", "mobilenetv2", "googlenet", "hybrid"}
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_model_config_instantiates_the_registry_model(name: str):
-    cfg = OmegaConf.create(
-        {"data": {"num_classes": NUM_CLASSES}, "model": OmegaConf.load(CONF / "model" / f"{name}.yaml")}
-    )
+    # composed by Hydra: each model file starts from conf/model/_base.yaml (the common flags, once)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=[f"+model={name}", f"+data.num_classes={NUM_CLASSES}"])
     assert cfg.model.name == name
+    base = OmegaConf.load(CONF / "model" / "_base.yaml")
+    assert set(base) <= set(cfg.model) and "defaults" not in cfg.model
     model = instantiate(cfg.model)
     reference = create_model(name, NUM_CLASSES)
     assert type(model) is type(reference)
@@ -315,7 +319,7 @@ def test_norm_none_removes_every_batchnorm(name: str, images: torch.Tensor):
 
 # Residual branches per model: ResNet-34/50/50-D 3+4+6+3 blocks; MobileNetV2's blocks with a skip
 # (stride 1, same width) 0+1+2+3+2+2+0; the hybrid's 17 blocks have two passes each.
-RESIDUAL_BRANCHES = {"resnet34": 16, "resnet50": 16, "resnet50d": 16, "mobilenetv2": 10, "hybrid": 34}
+RESIDUAL_BRANCHES = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet50d": 16, "mobilenetv2": 10, "hybrid": 34}
 
 
 def zero_convs(model: nn.Module) -> int:
@@ -338,9 +342,8 @@ def test_zero_init_last_is_a_flag_off_by_default(name: str, images: torch.Tensor
         out_plain, out_fixed = plain.eval()(x), fixed.eval()(x)
     assert torch.isfinite(out_plain).all() and out_fixed.abs().max() < 10
     assert out_fixed.abs().max() < out_plain.abs().max()  # the branches' sums no longer grow with depth
-    cfg = OmegaConf.create(
-        {"data": {"num_classes": NUM_CLASSES}, "model": OmegaConf.load(CONF / "model" / f"{name}.yaml")}
-    )
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(overrides=[f"+model={name}", f"+data.num_classes={NUM_CLASSES}"])
     assert cfg.model.zero_init_last is False  # the config default is the report's setting
     with pytest.raises(ValueError, match=r"zero_init_last=True only applies with norm='none'"):
         create_model(name, NUM_CLASSES, zero_init_last=True)  # BatchNorm: nothing to fix
@@ -352,6 +355,12 @@ def test_zero_init_last_is_a_flag_off_by_default(name: str, images: torch.Tensor
 @pytest.mark.parametrize(
     ("name", "flags", "reference"),
     [
+        ("resnet18", {}, lambda: timm.create_model("resnet18", num_classes=NUM_CLASSES)),
+        (
+            "resnet18",
+            {"width": 0.5},
+            lambda: timm.create_model("resnet18", num_classes=NUM_CLASSES, channels=(32, 64, 128, 256), stem_width=32),
+        ),
         ("resnet34", {}, lambda: timm.create_model("resnet34", num_classes=NUM_CLASSES)),
         ("resnet50", {}, lambda: timm.create_model("resnet50", num_classes=NUM_CLASSES)),
         ("resnet50d", {}, lambda: timm.create_model("resnet50d", num_classes=NUM_CLASSES)),
@@ -448,13 +457,13 @@ def test_count_macs_on_a_known_layer():
 @pytest.mark.parametrize(
     ("name", "kwargs", "error", "message"),
     [
-        ("resnet18", {}, ValueError, "resnet50d"),  # unknown name lists the valid ones
+        ("resnet101", {}, ValueError, "resnet50d"),  # unknown name lists the valid ones
         ("resnet50", {"widht": 0.5}, TypeError, "valid flags: .*width"),
         (
             "resnet50",
             {"width": 0.5},
             ValueError,
-            r"'width' is not supported by 'resnet50'.*\['hybrid', 'mobilenetv2'\]",
+            r"'width' is not supported by 'resnet50'.*\['hybrid', 'mobilenetv2', 'resnet18'\]",
         ),
         (
             "googlenet",

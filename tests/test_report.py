@@ -1,4 +1,4 @@
-"""The report tool (issue 5) on a real tiny sweep: ReLU6 vs Mish in a small hybrid, 2 seeds, 2 short epochs on
+"""The report tool on a real tiny sweep: ReLU6 vs Mish in a small hybrid, 2 seeds, 2 short epochs on
 the real mini archive, run through ``python -m imagenette_lab.report.sweep`` (what ``make activation`` calls)."""
 
 from __future__ import annotations

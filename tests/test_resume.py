@@ -1,4 +1,4 @@
-"""Exact resume (issue 11 item 4): a run killed by a real SIGTERM and rerun equals the uninterrupted run.
+"""Exact resume: a run killed by a real SIGTERM and rerun equals the uninterrupted run.
 
 The runs are tiny but use every random stream: shuffled batches, random train and validation crops,
 flips, random erasing, dropout (head and blocks) and a per-epoch cosine schedule.

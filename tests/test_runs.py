@@ -1,4 +1,4 @@
-"""Trustworthy runs (issue 11): a result is never stale, mixed, silently restarted or mislabelled.
+"""Trustworthy runs: a result is never stale, mixed, silently restarted or mislabelled.
 
 Every test drives real ``run.py`` processes on the real mini archive and fails on the code before run
 identities, run locks and truthful W&B exits existed.

@@ -1,4 +1,4 @@
-"""Scale out and hold up (issue 7): DDP on CPU, parallel/SLURM launchers, failures and bad input."""
+"""Scale out and hold up: DDP on CPU, parallel/SLURM launchers, failures and bad input."""
 
 from __future__ import annotations
 

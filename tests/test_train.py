@@ -1,4 +1,4 @@
-"""End-to-end training through ``run.py`` on the real mini archive (issue 4)."""
+"""End-to-end training through ``run.py`` on the real mini archive."""
 
 from __future__ import annotations
 

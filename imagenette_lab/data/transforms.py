@@ -82,9 +82,11 @@ class BatchDraws:
 class BatchAugment(nn.Module):
     """Flip -> normalize -> random erasing for a uint8 (B, 3, H, W) batch, on the batch's device.
 
-    Written by hand because no available library does per-image erasing on a whole batch:
-    torchvision's RandomErasing puts one box on the entire batch, timm's loops over images with
-    Python's RNG. The draws follow torchvision's RandomErasing exactly: with probability ``erase_p``,
+    Written by hand although kornia has batch augmentations with per-image parameters: ours draws
+    exactly what torchvision's per-image reference draws (torchvision's RandomErasing puts one box on
+    the entire batch when given one; timm's loops over images with Python's RNG), so the cached pipeline
+    and the ``pil`` reference are the same distribution, a test checks it, and no dependency is added
+    for three small ops. The draws follow torchvision's RandomErasing exactly: with probability ``erase_p``,
     up to 10 attempts of (area fraction ~ U(scale), log aspect ~ U(log ratio)), the first box that
     fits strictly inside the image wins, its corner uniform over the valid positions.
     """

@@ -7,7 +7,7 @@ Flags mean the same on every model:
 * ``block_drop_rate``: dropout probability inside every bottleneck / Inception block.
 * ``norm``: ``batch`` (BatchNorm after every conv) or ``none`` (removed).
 * ``blurpool``: anti-aliased downsampling (Zhang 2019) on every stride-2 conv and pool.
-* ``width``: channel multiplier, only for the MobileNet-shaped models.
+* ``width``: channel multiplier (mobilenetv2, hybrid, resnet18).
 * ``zero_init_last``: with ``norm='none'``, zero-initialize the last conv of every residual branch so each
   block starts as its shortcut. A fix the report did not have, so off by default (the report's setting).
 """
@@ -40,7 +40,7 @@ class ModelSpec:
 
 
 def _resnet(variant: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int, *, width: float, **flags: object) -> nn.Module:
+    def build(num_classes: int, **flags: object) -> nn.Module:
         return build_resnet(variant, num_classes, **flags)
 
     return build
@@ -77,6 +77,13 @@ def _hybrid(num_classes: int, *, act: str, norm: str, blurpool: bool, **kwargs: 
 
 
 _REGISTRY: dict[str, ModelSpec] = {
+    "resnet18": ModelSpec(
+        _resnet("resnet18"),
+        "relu",
+        "ResNet-18, basic blocks (He et al. 2015); not in the report: the CPU preset's model (make train)",
+        "timm",
+        takes_width=True,
+    ),
     "resnet34": ModelSpec(
         _resnet("resnet34"),
         "relu",
@@ -168,7 +175,7 @@ def create_model(
         block_drop_rate: dropout probability inside every bottleneck / Inception block.
         norm: ``batch`` or ``none``.
         blurpool: anti-alias every stride-2 conv and pool with BlurPool (Zhang 2019).
-        width: channel multiplier (mobilenetv2, hybrid); None = 1.0.
+        width: channel multiplier (mobilenetv2, hybrid, resnet18); None = 1.0.
         zero_init_last: only with ``norm='none'``: zero-init the last conv of every residual branch (blocks
             start as their shortcut). False = the report's setting, which had no such fix.
         **arch_kwargs: ``aux_logits`` (googlenet), ``rb_groups`` (hybrid).

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import timm
 import torch.nn as nn
+from timm.layers import make_divisible
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models.efficientnet import EfficientNet, _gen_mobilenet_v2
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .layers import BlurPool, dropout, norm_act_layer
+
+RESNET_CHANNELS = (64, 128, 256, 512)  # timm's stage widths (a bottleneck's inner width) at width 1
+RESNET_STEM_WIDTH = {"resnet50d": 32}  # timm's stem width where it is not 64 (the deep stem's first convs)
 
 
 def build_resnet(
@@ -35,9 +39,15 @@ def build_resnet(
     norm: str,
     blurpool: bool,
     zero_init_last: bool = False,
+    width: float = 1.0,
 ) -> ResNet:
-    """timm's ``resnet34``/``resnet50``/``resnet50d`` from scratch, with the ablation flags applied."""
+    """timm's ``resnet18``/``resnet34``/``resnet50``/``resnet50d`` from scratch, with the ablation flags
+    applied; ``width`` scales the stem and every stage's channels (timm's ``stem_width``/``channels``,
+    rounded to multiples of 8)."""
     kwargs: dict[str, object] = dict(act_layer=act, drop_rate=drop_rate)
+    if width != 1.0:
+        kwargs["channels"] = tuple(make_divisible(c * width, 8) for c in RESNET_CHANNELS)
+        kwargs["stem_width"] = make_divisible(RESNET_STEM_WIDTH.get(variant, 64) * width, 8)
     if norm == "none":
         kwargs["norm_layer"] = nn.Identity  # timm calls norm_layer(channels); Identity ignores it
     if blurpool:

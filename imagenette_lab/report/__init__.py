@@ -13,7 +13,7 @@ Function API::
     render(["logs/multiruns"], "docs/results")         # every experiment and scale found
 """
 
-from .build import ExperimentReport, build_report, build_reports, problems_table, render, summary_of
+from .build import ExperimentReport, build_report, build_reports, problems_table, render
 from .experiments import EXPERIMENTS, ExperimentSpec, Published, spec_for
 from .runs import (
     Arm,
@@ -54,7 +54,6 @@ __all__ = [
     "run_from_wandb",
     "spec_for",
     "summarize",
-    "summary_of",
     "swept_keys",
     "welch",
 ]

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from . import figures as F
+from . import figures
 from .experiments import ExperimentSpec, Match, Published, spec_for
 from .fidelity import common_departures, data_lines, fmt_seconds, provenance_lines, read_provenance
 from .measures import best_acc, last_acc, last_value, mean_epoch_s, thresholds_of, time_to
 from .runs import Arm, Run, display_key, fixed_overrides, group_runs, make_arms, seeds_of, slug, swept_keys
-from .stats import Comparison, Summary, adjust_bh, summarize, welch
+from .stats import Comparison, adjust_bh, summarize, welch
 from .tables import Table
 
 
@@ -155,7 +155,7 @@ def per_class_table(arms: Sequence[Arm], spec: ExperimentSpec) -> Table:
     for cls in [*classes, "overall"]:
         row = [f"**{cls}**" if cls == "overall" else cls]
         for arm in arms:
-            row.append(summarize([F._class_acc(r, cls) for r in arm.completed]).fmt(100))
+            row.append(summarize([figures._class_acc(r, cls) for r in arm.completed]).fmt(100))
             if arm.label in spec.per_class:
                 pub = spec.per_class[arm.label].get(cls)
                 row.append("—" if pub is None else f"{pub * 100:.1f}")
@@ -275,12 +275,12 @@ def build_figures(arms: Sequence[Arm], spec: ExperimentSpec, scale: str) -> dict
     figs: dict[str, Figure] = {}
     for kind in spec.figures:
         if kind == "curves":
-            figs[kind] = F.curves_figure(arms, title)
+            figs[kind] = figures.curves_figure(arms, title)
         elif kind == "curves_time":
             ts = thresholds_of([r for a in arms for r in a.completed])
-            figs[kind] = F.time_curves_figure(arms, title, ts)
+            figs[kind] = figures.time_curves_figure(arms, title, ts)
         elif kind == "sweep" and spec.sweep_x:
-            panels: list[F.Panel] = [F.ACC_PANEL]
+            panels: list[figures.Panel] = [figures.ACC_PANEL]
             if spec.name == "batch_size":
                 panels.append(("time/train_s", "training time per epoch (s, validation excluded)", 1.0))
             xs = {float(a.values.get(spec.sweep_x) or math.nan) for a in arms}
@@ -288,12 +288,12 @@ def build_figures(arms: Sequence[Arm], spec: ExperimentSpec, scale: str) -> dict
             label = "report's choice"
             if choice is not None and choice != spec.report_choice[0]:
                 label += f" ({spec.report_choice[0]:g}, scaled to {choice:g})"
-            figs[kind] = F.sweep_figure(arms, spec.sweep_x, spec.sweep_x_label, title, panels, choice, label)
+            figs[kind] = figures.sweep_figure(arms, spec.sweep_x, spec.sweep_x_label, title, panels, choice, label)
         elif kind == "bars":
             pub = {a.label: p.value for a in arms if (p := published_for(a, spec))}
-            figs[kind] = F.bars_figure(arms, title, pub)
+            figs[kind] = figures.bars_figure(arms, title, pub)
         elif kind == "per_class":
-            figs[kind] = F.per_class_figure(arms, _classes(arms), title, spec.per_class)
+            figs[kind] = figures.per_class_figure(arms, _classes(arms), title, spec.per_class)
     return figs
 
 
@@ -390,8 +390,3 @@ def render(
         path.write_text(claims_markdown(reports, path.parent))
         written.append(path)
     return written
-
-
-def summary_of(arm: Arm, key: str = "val/acc") -> Summary:
-    """Summary over an arm's completed seeds of a final metric (for notebooks)."""
-    return summarize([r.final(key) for r in arm.completed])

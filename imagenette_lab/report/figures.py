@@ -19,7 +19,6 @@ from .stats import summarize
 Panel = tuple[str, str, float]
 ACC_PANEL: Panel = ("val/acc", "validation accuracy (%)", 100.0)
 LOSS_PANEL: Panel = ("val/loss", "validation loss (cross-entropy, nats)", 1.0)
-TRAIN_LOSS_PANEL: Panel = ("train/loss", "training loss (cross-entropy, nats)", 1.0)
 FIG_DPI = 120  # dots per inch of saved PNGs
 PANEL_SIZE = (5.2, 3.8)  # inches, width x height of one panel
 
