@@ -15,8 +15,10 @@
 SCALE ?= full
 SEEDS ?= 1,2,3
 RESULTS ?= docs/results
-EXPERIMENTS := architectures table1 dropout lr_schedule activation blurpool resize batch_size optimizer label_noise \
-	dataset_size normalize
+# Every conf/experiment/*.yaml is a make target of its own (the file is the one definition; its
+# `# make-help:` line is what `make help` prints); PRESETS are experiment files that are not sweeps.
+PRESETS := cpu_train
+EXPERIMENTS := $(filter-out $(PRESETS),$(sort $(basename $(notdir $(wildcard conf/experiment/*.yaml)))))
 
 .PHONY: $(EXPERIMENTS) report claims
 
@@ -25,41 +27,12 @@ $(PY) -m imagenette_lab.report.sweep $@ --scale $(SCALE) --seeds $(SEEDS) --out 
 	--make 'make $@ SCALE=$(SCALE) SEEDS=$(SEEDS)$(if $(ARGS), ARGS="$(ARGS)")' -- $(DATA_ARGS) $(ARGS)
 endef
 
-architectures: install ## Sec. II: six architectures from scratch -> accuracy table + bars
+$(EXPERIMENTS): install
 	$(run_experiment)
 
-table1: install ## Table 1 / Sec. IV.1: hybrid vs ResNet50 (lr 2.4e-4 and 1e-3) per class, report's beside ours
-	$(run_experiment)
-
-dropout: install ## Figure 1 / Sec. IV.3: dropout 0-0.5 x BatchNorm / none / none + zero-init -> curves
-	$(run_experiment)
-
-lr_schedule: install ## Sec. IV.4: ResNet50, constant lr 0.001 vs cosine (report: ~80% vs 87%)
-	$(run_experiment)
-
-activation: install ## Sec. IV.5: ReLU6 vs Mish -> accuracy and epochs/seconds to each accuracy
-	$(run_experiment)
-
-blurpool: install ## Sec. IV.5: BlurPool off vs on (report: BlurPool lowered accuracy)
-	$(run_experiment)
-
-resize: install ## Sec. III: resize 150-450 px, crop 0.8x -> accuracy vs resize (report chose 280)
-	$(run_experiment)
-
-batch_size: install ## Sec. III: batch 32/64/96/128 -> accuracy, epoch time, overfitting
-	$(run_experiment)
-
-optimizer: install ## Sec. III: Adam (lr 0.00024) vs SGD (lr 0.1, and 0.1 x batch/256)
-	$(run_experiment)
-
-label_noise: install ## Sec. IV.2: 0/5/50% of training labels replaced on purpose (report blames ~5% noise)
-	$(run_experiment)
-
-dataset_size: install ## Sec. IV.2: 25/50/75/100% of the training images (report blames dataset size)
-	$(run_experiment)
-
-normalize: install ## Sec. III: ImageNet mean/std vs the training split's own
-	$(run_experiment)
+experiments-help: ## One line per report experiment (make <experiment>), from each file's `# make-help:` line
+	@for name in $(EXPERIMENTS); do printf "  \033[36m%-14s\033[0m %s\n" "$$name" \
+	  "$$(sed -n 's/^# make-help: //p' conf/experiment/$$name.yaml)"; done
 
 report: install ## Render every sweep under logs/multiruns -> $(RESULTS)/<scale>/<experiment>.md + CLAIMS.md
 	$(PY) -m imagenette_lab.report logs/multiruns --out $(RESULTS) --claims

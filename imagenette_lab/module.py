@@ -47,7 +47,7 @@ class ClassifierModule(pl.LightningModule):
         aux_loss_weight: float = 0.3,
         channels_last: bool = False,
         compile: bool = False,
-        acc_thresholds: Sequence[float] = (0.80, 0.85, 0.90),
+        acc_thresholds: Sequence[float] = (),  # set by conf/config.yaml (module.acc_thresholds), the one place
         hparams: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -61,7 +61,7 @@ class ClassifierModule(pl.LightningModule):
         self.label_smoothing = label_smoothing
         self.aux_loss_weight = aux_loss_weight
         self.channels_last = channels_last
-        self.compile = compile
+        self.compile_net = compile  # not `self.compile`: that would shadow nn.Module.compile
         self.acc_thresholds = [float(t) for t in acc_thresholds]
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -102,7 +102,7 @@ class ClassifierModule(pl.LightningModule):
         names = getattr(datamodule, "class_names", None)
         if names:
             self.class_names = list(names)
-        if self.compile and stage == "fit":
+        if self.compile_net and stage == "fit":
             # Compiled wrapper is used for the forward only; the state dict stays the plain `net`.
             self._forward = torch.compile(self.net)
 

@@ -39,14 +39,9 @@ from imagenette_lab.data import (
     MissingArchiveError,
     UnsafeArchiveError,
 )
+from imagenette_lab.data.archives import check_archive, download_archive, published_checks
 from imagenette_lab.data.prefetch import PrefetchLoader
-from imagenette_lab.data.sources import (
-    DATASETS,
-    VARIANTS,
-    check_archive,
-    download_archive,
-    published_checks,
-)
+from imagenette_lab.data.sources import DATASETS, VARIANTS
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = DATASETS["imagenette"].wnids

@@ -3,6 +3,8 @@ jobs, runs through ``run.py -m`` on the real mini archive, and its artefact rend
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -345,3 +347,16 @@ def test_claims_cover_every_experiment(tiny_sweeps: tuple[Path, Path, dict]) -> 
             assert row.count("**not tested here**") == 2
     counts = next(r for c, r in zip(CLAIMS, rows, strict=True) if c.experiment == "any")
     assert "200 train / 100 val images" in counts and "**does not hold**" in counts  # the mini archive
+
+
+def test_make_targets_and_help_come_from_the_experiment_files() -> None:
+    """`make <experiment>` and its `make help` line are generated from conf/experiment/*.yaml (each file's
+    `# make-help:` line): the targets are exactly the report's experiments, each with its own help."""
+    out = subprocess.run(["make", "-s", "--no-print-directory", "experiments-help"], cwd=REPO, text=True,
+                         capture_output=True, check=True).stdout
+    lines = dict(re.sub(r"\x1b\[[0-9;]*m", "", line).strip().split(maxsplit=1) for line in out.splitlines())
+    assert set(lines) == set(EXPERIMENTS) and all(len(text) > 20 for text in lines.values())
+    for name in ("activation", "table1"):
+        cmd = subprocess.run(["make", "-n", "--no-print-directory", name, "SCALE=quick", "SEEDS=1"], cwd=REPO,
+                             text=True, capture_output=True, check=True).stdout
+        assert f"-m imagenette_lab.report.sweep {name} --scale quick --seeds 1" in cmd

@@ -246,6 +246,8 @@ def test_block_drop_rate_puts_dropout_in_every_block(name: str, images: torch.Te
     model = create_model(name, NUM_CLASSES, block_drop_rate=0.3)
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p == 0.3]
     assert len(drops) == BLOCK_DROPOUTS[name]
+    # each dropout sits in a slot named for what it is: none poses as a squeeze-excite module
+    assert not any(isinstance(getattr(m, "se", None), nn.Dropout) for m in model.modules())
     # timm zero-inits each ResNet branch's last BN scale, which would hide anything inside the branch at
     # init; unit scales stand in for a trained network
     for m in model.modules():

@@ -1,7 +1,9 @@
 """ImageNette / ImageWoof data: sources, verification, the report's transforms, the fast cache and the DataModule."""
 
-from imagenette_lab.data.cache import CachedCropDataset, ImageCache, build_cache
-from imagenette_lab.data.datamodule import ImageListDataset, ImagenetteDataModule
+from imagenette_lab.data.archives import ArchiveCheck
+from imagenette_lab.data.cache import ImageCache, build_cache
+from imagenette_lab.data.datamodule import ImagenetteDataModule
+from imagenette_lab.data.datasets import CachedCropDataset, ImageListDataset
 from imagenette_lab.data.errors import (
     ArchiveError,
     ChecksumError,
@@ -12,7 +14,7 @@ from imagenette_lab.data.errors import (
     MissingArchiveError,
     UnsafeArchiveError,
 )
-from imagenette_lab.data.sources import DATASETS, ArchiveCheck, DatasetSpec, resolve_source
+from imagenette_lab.data.sources import DATASETS, DatasetSpec, resolve_source
 from imagenette_lab.data.transforms import BatchAugment, BatchDraws, TransformSpec, reference_transform
 from imagenette_lab.data.verify import NOISE_LEVELS, verify_dataset
 

@@ -36,16 +36,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from filelock import Timeout
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from imagenette_lab.data._parallel import pmap
-from imagenette_lab.data.sources import file_lock, fsync_path, write_atomic
-from imagenette_lab.data.transforms import center_crop_origin, resized_size
+from imagenette_lab.data.archives import fsync_path, write_atomic
+from imagenette_lab.data.sources import file_lock
+from imagenette_lab.data.transforms import resized_size
 
 try:  # shared/non-blocking flock: see _lock_shared
     import fcntl
@@ -359,55 +358,3 @@ def _tidy(directory: Path) -> None:
         _prune(directory, keep=_pointer(directory))  # re-read under the lock: a build may just have published
     finally:
         lock.release()
-
-
-class CachedCropDataset(Dataset):
-    """Square uint8 crops sliced out of an :class:`ImageCache`: ``(uint8 (3, crop, crop), label)``.
-
-    With ``random_crop`` the corner is uniform over all valid positions, as ``v2.RandomCrop``; otherwise
-    the crop is centred as ``v2.CenterCrop``. Draws come from ``generator`` in the main process (each
-    epoch continues the stream, so crops differ between epochs yet repeat for a given seed) and from the
-    per-worker seeded global RNG inside DataLoader worker processes (a copied generator would repeat
-    the same draws in every worker).
-    """
-
-    def __init__(
-        self,
-        cache: ImageCache,
-        labels: Sequence[int],
-        crop: int,
-        random_crop: bool,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        if len(labels) != len(cache):
-            raise ValueError(f"{len(labels)} labels for {len(cache)} cached images")
-        small = np.flatnonzero((cache.shapes < crop).any(axis=1)) if len(cache) else []
-        if small.size:
-            raise ValueError(
-                f"cached images smaller than data.crop={crop}: {[cache.relpaths[i] for i in small[:5]]}"
-            )
-        self.cache = cache
-        self.labels = [int(v) for v in labels]
-        self.crop = crop
-        self.random_crop = random_crop
-        self.generator = generator
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def origin(self, i: int) -> tuple[int, int]:
-        """(top, left) of the crop of image ``i``: drawn like v2.RandomCrop, or centred."""
-        h, w = self.cache.shape(i)
-        if not self.random_crop:
-            return center_crop_origin(h, w, self.crop)
-        generator = self.generator if get_worker_info() is None else None
-        u = torch.rand(2, generator=generator).tolist()  # one call for both offsets: half the overhead
-        return int(u[0] * (h - self.crop + 1)), int(u[1] * (w - self.crop + 1))
-
-    def crop_at(self, i: int, top: int, left: int) -> torch.Tensor:
-        """The (3, crop, crop) uint8 crop of image ``i`` with its corner at (top, left)."""
-        img = self.cache.image(i)[:, top : top + self.crop, left : left + self.crop]
-        return torch.from_numpy(np.ascontiguousarray(img))
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.crop_at(i, *self.origin(i)), self.labels[i]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,10 +11,10 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets.folder import pil_loader
 
 from imagenette_lab import resume
-from imagenette_lab.data.cache import CachedCropDataset, ImageCache, build_cache, cache_dir
+from imagenette_lab.data.cache import ImageCache, build_cache, cache_dir
+from imagenette_lab.data.datasets import CachedCropDataset, ImageListDataset
 from imagenette_lab.data.errors import CorruptImagesError
 from imagenette_lab.data.prefetch import PrefetchLoader
 from imagenette_lab.data.sources import DATASETS, VARIANTS, file_lock, resolve_source
@@ -35,21 +35,6 @@ ON_CORRUPT = ("error", "skip")
 PIPELINES = ("cached", "pil")
 VAL_CROPS = ("center", "random")
 NORMALIZE = ("imagenet", "dataset")  # imagenet: data.mean/std as configured | dataset: the training split's
-
-
-class ImageListDataset(Dataset):
-    """(image, label) from a list of files, decoded with PIL to RGB (grayscale/CMYK converted)."""
-
-    def __init__(self, files: Sequence[Path], labels: Sequence[int], transform: Callable) -> None:
-        self.files = list(files)
-        self.labels = list(labels)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(pil_loader(str(self.files[i]))), self.labels[i]
 
 
 def _choice(key: str, value: Any, allowed: Sequence[Any]) -> None:

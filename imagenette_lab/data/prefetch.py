@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from imagenette_lab.data.cache import CachedCropDataset
+from imagenette_lab.data.datasets import CachedCropDataset
 
 
 def crop_source(dataset: Dataset) -> tuple[CachedCropDataset, Sequence[int] | None]:

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from imagenette_lab.data._parallel import pmap
+from imagenette_lab.data.archives import write_atomic
 from imagenette_lab.data.cache import ImageCache, _header_size, load_resized, source_list
-from imagenette_lab.data.sources import file_lock, write_atomic
+from imagenette_lab.data.sources import file_lock
 
 log = logging.getLogger(__name__)
 

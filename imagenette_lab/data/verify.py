@@ -24,8 +24,9 @@ from pathlib import Path
 from PIL import Image, ImageFile
 
 from imagenette_lab.data._parallel import pmap
+from imagenette_lab.data.archives import write_atomic
 from imagenette_lab.data.errors import LayoutError
-from imagenette_lab.data.sources import DATASETS, DatasetSpec, write_atomic
+from imagenette_lab.data.sources import DATASETS, DatasetSpec
 
 log = logging.getLogger(__name__)
 

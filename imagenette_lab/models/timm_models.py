@@ -1,4 +1,4 @@
-"""ResNet-34/50/50-D and MobileNetV2 built by timm, with the ablation flags timm does not cover added.
+"""ResNet-18/34/50/50-D and MobileNetV2 built by timm, with the ablation flags timm does not cover added.
 
 timm already takes ``act_layer``, ``norm_layer``, ``aa_layer`` and ``drop_rate``. What it leaves out, and
 this module adds after construction (each is a swap of a layer timm leaves as a placeholder or a stride):
@@ -7,7 +7,10 @@ this module adds after construction (each is a swap of a layer timm leaves as a 
   but not the stem conv nor the strided shortcut; those get the same BlurPool here so *every* stride-2
   reduction is blurred (Zhang 2019's fully anti-aliased variant).
 * ``block_drop_rate``: timm's only in-block regularizers are DropBlock (ResNet stages 3-4) and drop-path;
-  the report's "dropout in all bottlenecks" goes in the Identity slot every block already has.
+  the report's "dropout in all bottlenecks" goes in each ResNet block's DropBlock slot (``drop_block``, an
+  Identity by default: a Dropout there is still the block's one in-block drop) and, in MobileNetV2, in
+  front of each block's linear projection (:func:`add_dropout_before_projection`, a named wrapper: timm's
+  MobileNetV2 blocks have no drop slot, and their empty squeeze-excite slot is left alone).
 * ``zero_init_last`` (only with ``norm='none'``): timm's ResNet zero-inits each residual branch's last BN so
   blocks start as identity; without BN that is impossible, so the flag zero-initializes the branch's last
   conv instead (same intent; MobileNetV2's residual blocks get the same). Off by default: the report had
@@ -15,6 +18,8 @@ this module adds after construction (each is a swap of a layer timm leaves as a 
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import timm
 import torch.nn as nn
@@ -115,14 +120,30 @@ def build_mobilenetv2(
     model = _gen_mobilenet_v2("mobilenetv2_100", width, num_classes=num_classes, **kwargs)
     for block in model.modules():
         if isinstance(block, (InvertedResidual, DepthwiseSeparableConv)):
-            # The squeeze-excite slot (an Identity in MobileNetV2) sits after the depthwise conv and its
-            # activation, right before the linear projection: the dropout goes there
-            block.se = dropout(block_drop_rate)
             if zero_init_last and norm == "none" and block.has_skip:  # as for ResNet: blocks start as identity
                 nn.init.zeros_(
                     block.conv_pwl.weight if isinstance(block, InvertedResidual) else block.conv_pw.weight
                 )
+            add_dropout_before_projection(block, block_drop_rate)
     if blurpool:  # the stride-2 stem conv is outside timm's aa_layer: conv s1 -> BN -> act -> blur
         model.conv_stem.stride = (1, 1)
         model.bn1 = nn.Sequential(model.bn1, BlurPool(model.conv_stem.out_channels))
     return model
+
+
+class DropoutThen(nn.Sequential):
+    """``dropout`` then ``layer``: where timm's block has no slot for the report's in-block dropout."""
+
+    def __init__(self, dropout_layer: nn.Module, layer: nn.Module) -> None:
+        super().__init__(OrderedDict(dropout=dropout_layer, layer=layer))
+
+
+def add_dropout_before_projection(block: InvertedResidual | DepthwiseSeparableConv, rate: float) -> None:
+    """The report's "dropout in all bottlenecks" for a MobileNetV2 block: after the depthwise conv and its
+    activation (and timm's empty squeeze-excite slot), on the input of the linear 1x1 projection. A no-op at
+    ``rate=0``, so the default model is timm's exactly."""
+    if rate == 0:
+        return
+    name = "conv_pwl" if isinstance(block, InvertedResidual) else "conv_pw"  # the block's projection
+    setattr(block, name, DropoutThen(dropout(rate), getattr(block, name)))
+
