@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "Report experiments (make <name> [SCALE=full|quick] [SEEDS=1,2,3] [ARGS=...]):"
+	@echo "Report experiments (make <name> [SCALE=full|cpu|quick] [SEEDS=1,2,3] [ARGS=...]):"
 	@$(MAKE) --no-print-directory experiments-help
 
 $(VENV)/.installed: pyproject.toml

@@ -1,7 +1,7 @@
 # Report experiments. Included by the Makefile (`include docs/makefile_experiments.mk`), which
 # provides PY, DATA_ARGS, ARGS and the `install` target.
 #
-#   make <experiment> [SCALE=full|quick] [SEEDS=1,2,3] [ARGS="hydra overrides"]
+#   make <experiment> [SCALE=full|cpu|quick] [SEEDS=1,2,3] [ARGS="hydra overrides"]
 #     runs `python run.py -m experiment=<experiment> scale=$(SCALE) seed=$(SEEDS) $(DATA_ARGS) $(ARGS)` through
 #     `python -m imagenette_lab.report.sweep`, which records the command, machine and wall time in
 #     logs/multiruns/<experiment>/<scale>/provenance.jsonl and renders $(RESULTS)/<scale>/<experiment>.md + PNGs
@@ -9,7 +9,8 @@
 #   make report      renders every sweep found under logs/multiruns (no training) and $(RESULTS)/CLAIMS.md, every
 #                    claim of the report with a verdict per scale (from those same sweeps: keep them on disk).
 #   make claims      renders $(RESULTS)/CLAIMS.md only.
-# SCALE: full = the report's 224 px recipe (GPU); quick = 32 px crops, 4 epochs (2-core CPU).
+# SCALE: full = the report's 224 px recipe (GPU); cpu = the report's accuracy regime on 2 CPU cores (stand-in
+# model, <= 20 min a run); quick = 32 px crops, 4 epochs (smoke scale).
 # SEEDS: comma-separated, one job per seed and arm. RESULTS: artefacts go to $(RESULTS)/$(SCALE)/.
 # (No comments after the values: make would keep the spaces before them.)
 SCALE ?= full

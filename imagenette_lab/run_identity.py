@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from imagenette_lab.callbacks import EPOCHS_FILE, METRICS_FILE, atomic_write_text, read_epochs_csv
-from imagenette_lab.provenance import code_identity, now_iso
+from imagenette_lab.provenance import PROJECT_ROOT, code_identity, now_iso
 
 log = logging.getLogger("imagenette_lab")
 
@@ -125,9 +125,24 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SCALES = frozenset(p.stem for p in (PROJECT_ROOT / "conf" / "scale").glob("*.yaml"))
+
+
+def without_scale_tables(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``flat`` without per-scale lookup tables (a top-level key whose keys are all scale names, e.g.
+    ``hybrid_width.quick``): a run reads one entry into a real key (``model.width``), which the identity keeps,
+    so adding a scale to a table does not make the runs of other scales look different."""
+    children: dict[str, set[str]] = {}
+    for key in flat:
+        top, _, rest = key.partition(".")
+        children.setdefault(top, set()).add(rest)
+    tables = {top for top, rest in children.items() if rest and rest <= SCALES}
+    return {k: v for k, v in flat.items() if k.partition(".")[0] not in tables}
+
+
 def config_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as dotted keys, location keys and ``mode`` dropped."""
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    """The resolved config as dotted keys, location keys, ``mode`` and per-scale lookup tables dropped."""
+    flat = without_scale_tables(flatten(OmegaConf.to_container(cfg, resolve=True)))
     return {k: v for k, v in sorted(flat.items()) if not is_location_key(k) and k != "mode"}
 
 
@@ -167,6 +182,10 @@ KEYS_ADDED_LATER: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     # was always on without BatchNorm, in every model with residual branches (GoogLeNet has none)
     "model.zero_init_last": lambda c: c.get("model.norm") == "none" and c.get("model.name") != "googlenet",
     "data.prefetch_batches": lambda c: None,  # auto (the batches are the same either way)
+    "model.width": lambda c: 1.0,  # models without a multiplier had no key (conf/model/_base.yaml has it now)
+    "data.progressive.start": lambda c: None,  # off: every epoch at data.crop
+    "data.progressive.epochs": lambda c: [0, 0],
+    "data.progressive.step": lambda c: 8,
 }
 
 
@@ -182,8 +201,9 @@ def with_keys_added_later(old: Mapping[str, Any], new: Mapping[str, Any]) -> dic
 
 def compare(old: Mapping[str, Any], new: Mapping[str, Any], policy: str) -> list[tuple[str, Any, Any]]:
     """Differences that forbid skipping/resuming (``trainer.max_epochs`` is checked by the caller)."""
-    new_config = new.get("config", {})
-    diffs = _differences(with_keys_added_later(old.get("config", {}), new_config), new_config, "")
+    new_config = without_scale_tables(new.get("config", {}))
+    old_config = without_scale_tables(old.get("config", {}))  # folders written before tables were dropped
+    diffs = _differences(with_keys_added_later(old_config, new_config), new_config, "")
     diffs = [d for d in diffs if d[0] != "trainer.max_epochs"]
     if new.get("data"):  # empty while the data is not prepared yet (the early, config-only check)
         diffs += _differences({"digest": old.get("data", {}).get("digest"), "folder": old.get("data", {}).get("folder")},

@@ -13,6 +13,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench.py"
@@ -98,18 +99,20 @@ def test_quick_run_times_the_cpu_presets_knobs(quick_run: dict) -> None:
     assert knobs["experiment"] == "cpu_train" and knobs["model"]["name"] == "resnet18"
     assert knobs["model"]["width"] == 0.5 and 2.0 < knobs["params_m"] < 3.0  # the preset's half-width ResNet-18
     default, both, small = knobs["rows"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        batch = compose("config", overrides=["experiment=cpu_train"]).data.batch_size  # the preset's
     # `default` is the preset as a CPU run resolves it (trainer=cpu): fp32, NHWC, eager, foreach Adam
-    assert (default["name"], default["batch"], default["bf16"]) == ("default", 128, False)
+    assert (default["name"], default["batch"], default["bf16"]) == ("default", batch, False)
     assert default["channels_last"] and not (default["compile"] or default["fused"])
     assert (both["name"], both["channels_last"], both["fused"], both["batch"]) == (
-        "channels_last=false+fused", False, True, 128)
+        "channels_last=false+fused", False, True, batch)
     assert (small["name"], small["batch"], small["channels_last"]) == ("batch=2", 2, True)  # the rest as default
     for row in knobs["rows"]:
         assert len(row["step_s"]) == row["timed_steps"] >= 2 and min(row["step_s"]) > 0
         assert row["images_per_s"] == pytest.approx(row["batch"] / statistics.median(row["step_s"]))
     assert default["ratio"] == 1.0
     assert small["ratio"] == pytest.approx(  # paired by round: images/s over default's in the same round
-        statistics.median((2 / a) / (128 / d) for a, d in zip(small["step_s"], default["step_s"], strict=True))
+        statistics.median((2 / a) / (batch / d) for a, d in zip(small["step_s"], default["step_s"], strict=True))
     )
     rows = _cells(quick_run["md"], "### Training knobs")
     assert [r[0] for r in rows] == ["default", "channels_last=false+fused", "batch=2"] and rows[0][7] == "1.00x"

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import lightning.pytorch as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -42,6 +43,7 @@ from imagenette_lab.data import (
 from imagenette_lab.data.archives import check_archive, download_archive, published_checks
 from imagenette_lab.data.prefetch import PrefetchLoader
 from imagenette_lab.data.sources import DATASETS, VARIANTS
+from imagenette_lab.data.transforms import ProgressiveResize, progressive_side
 
 REPO = Path(__file__).resolve().parents[1]
 WNIDS = DATASETS["imagenette"].wnids
@@ -595,6 +597,10 @@ def test_datamodule_download_checks_published_checksum(
         ({"train_fraction": 1.5}, "data.train_fraction=1.5 must be in (0, 1]"),
         ({"train_fraction": True}, "data.train_fraction=True must be in (0, 1]"),
         ({"normalize": "per_image"}, "data.normalize='per_image' is not one of imagenet, dataset"),
+        ({"progressive": {"start": 64}}, "data.progressive.start=64 must be null (off) or an integer side in px "
+                                         "between 8 and data.crop=56"),
+        ({"progressive": {"start": 32, "epochs": [4, 2]}}, "data.progressive.epochs=[4, 2] must be two epoch"),
+        ({"progressive": {"start": 32, "epoch": [0, 2]}}, "must have keys start (px or null), epochs"),
     ],
 )
 def test_bad_config_fails_before_touching_data(tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -602,6 +608,51 @@ def test_bad_config_fails_before_touching_data(tmp_path: Path, kwargs: dict, mes
         make_dm(tmp_path / "untouched", archive=tmp_path / "missing.tgz", **kwargs)
     assert message in str(err.value)
     assert not (tmp_path / "untouched").exists()
+
+
+def test_progressive_side_schedule() -> None:
+    sides = [progressive_side(e, 56, 84, 2, 8, 8) for e in range(10)]
+    assert sides == [56, 56, 56, 64, 64, 72, 72, 80, 84, 84]  # flat, linear ramp rounded to 8 px, exact end
+    assert [ProgressiveResize(None, 84).side(e) for e in (0, 5)] == [84, 84]  # off: always data.crop
+
+
+class _SideRecorder(L.LightningModule):
+    """Records the side of every training batch per epoch (a linear head gives it something to train)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 10)
+        self.sides: dict[int, set[int]] = {}
+        self.means: dict[int, float] = {}
+        self.val_sides: set[int] = set()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        images, labels = batch
+        self.sides.setdefault(self.current_epoch, set()).add(images.shape[-1])
+        self.means.setdefault(self.current_epoch, float(images.mean()))
+        return torch.nn.functional.cross_entropy(self.head(images.mean((2, 3))), labels)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.val_sides.add(batch[0].shape[-1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("pipeline", ["cached", "pil"])
+def test_progressive_resizing_trains_small_first_and_validates_at_crop(
+    tmp_path: Path, mini_root: Path, pipeline: str
+) -> None:
+    dm = ready(make_dm(tmp_path, root=mini_root, pipeline=pipeline, resize=64, crop=56, batch_size=50,
+                       progressive={"start": 32, "epochs": [1, 3], "step": 8}))
+    model = _SideRecorder()
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    assert model.sides == {0: {32}, 1: {32}, 2: {48}, 3: {56}}
+    assert model.val_sides == {56}  # validation always at data.crop
+    # the scaled-down batch keeps the images' content: normalized means stay near the full-size ones
+    assert all(abs(m) < 1.0 for m in model.means.values())
 
 
 def test_yaml_configs_instantiate(tmp_path: Path, mini_root: Path) -> None:

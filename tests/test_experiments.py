@@ -72,8 +72,13 @@ def test_experiments_name_their_sweep_folder() -> None:
         )
 
 
-@pytest.mark.parametrize("scale", ["full", "quick"])
-@pytest.mark.parametrize("name", sorted(ARMS))
+NO_CPU_FORM = {"architectures", "table1", "resize"}  # their arms are the report's own architectures/resolutions
+
+
+@pytest.mark.parametrize(
+    ("name", "scale"),
+    [(n, s) for n in sorted(ARMS) for s in ("full", "cpu", "quick") if not (s == "cpu" and n in NO_CPU_FORM)],
+)
 def test_every_arm_composes_into_a_valid_job(name: str, scale: str) -> None:
     jobs = sweep_jobs(name, scale)
     assert {j["seed"] for j in jobs} == {"1", "2", "3"}, "three seeds by default"
@@ -85,8 +90,10 @@ def test_every_arm_composes_into_a_valid_job(name: str, scale: str) -> None:
         assert isinstance(cfg.data.crop, int) and 0 < cfg.data.crop <= cfg.data.resize, (arm, cfg.data.crop)
         assert cfg.scale_name == scale
         if name != "resize":  # the scale's own input size and length
-            want = (40, 32, 4) if scale == "quick" else (280, 224, 30)
+            want = {"quick": (40, 32, 4), "cpu": (96, 84, 15), "full": (280, 224, 30)}[scale]
             assert (cfg.data.resize, cfg.data.crop, cfg.trainer.max_epochs) == want
+        if scale == "cpu":  # every cpu form runs the stand-in, progressively resized
+            assert (cfg.model.name, cfg.model.width, cfg.data.progressive.start) == ("resnet18", 0.5, 56)
         if (
             cfg.model.name == "hybrid"
         ):  # single-model ablations narrow the hybrid for the CPU; the rest do not
@@ -128,8 +135,9 @@ def test_sweeps_match_the_report() -> None:
             0.8 * base
         )
     # lr_schedule: ResNet50 at a constant 0.001 vs cosine; the quick form anneals over its whole run.
-    cfg = compose_job(["experiment=lr_schedule"])
-    assert cfg.model.name == "resnet50" and cfg.optim.lr == pytest.approx(0.001)
+    assert _arm_values("lr_schedule", "full", "model") == _arm_values("lr_schedule", "quick", "model") == ["resnet50"]
+    cfg = compose_job(["experiment=lr_schedule", "model=resnet50"])
+    assert cfg.model.name == "resnet50" and cfg.model.width == 1.0 and cfg.optim.lr == pytest.approx(0.001)
     assert _arm_values("lr_schedule", "full", "sched") == ["constant", "cosine"]
     assert _arm_values("lr_schedule", "quick", "sched") == ["constant", "cosine_full"]
     cosine = compose_job(["experiment=lr_schedule", "sched=cosine"])

@@ -250,6 +250,31 @@ def test_page_names_its_data_and_departures_and_corrects_for_several_arms(
     assert "p-values are Benjamini-Hochberg adjusted" in report.markdown
 
 
+@pytest.mark.slow
+def test_cpu_scale_page_names_its_stand_in_and_what_it_can_say(sweep: dict[str, Path], tmp_path: Path) -> None:
+    """The sweep's runs as the cpu scale records them (the stand-in model, progressive resizing): the page says
+    which model stood in, that the report trained at one size, and what the cpu scale can and cannot say."""
+    folder = tmp_path / "multiruns" / "activation" / "cpu"
+    shutil.copytree(sweep["sweep"], folder)
+    for path in sorted(folder.rglob("metrics.json")):
+        m = json.loads(path.read_text())
+        m["overrides"] = [o.replace("scale=full", "scale=cpu") for o in m["overrides"]]
+        m["config"]["scale_name"] = "cpu"
+        m["config"]["model"].update(name="resnet18", width=0.5)
+        m["config"]["data"]["progressive"] = {"start": 56, "epochs": [5, 10], "step": 8}
+        path.write_text(json.dumps(m))
+    report = build_report(load_runs(folder))
+    assert report.scale == "cpu"
+    page = report.markdown
+    assert "> **cpu scale — what it can and cannot say:** conf/scale/cpu.yaml: a stand-in" in page
+    assert "- **Model:** resnet18 (width 0.5) stands in for the experiment's own architecture" in page
+    assert "- **Progressive resizing:** training images start at 56 px" in page
+    assert "quick scale" not in page  # the quick form's caveats belong to the quick pages only
+    # the full-scale page of the same runs names neither
+    full = (sweep["results"] / "full" / "activation.md").read_text()
+    assert "**Model:**" not in full and "Progressive resizing" not in full and "cpu scale" not in full
+
+
 def _set_last_acc(folder: Path, values: dict[str, list[float]]) -> None:
     """Give each run of ``folder`` the next of its arm's ``values`` as every epoch's validation accuracy."""
     left = {k: list(v) for k, v in values.items()}

@@ -273,3 +273,11 @@ def test_folders_older_than_a_config_key_match_only_the_value_their_code_used() 
     new_no_bn = {"config": {**no_bn["config"], "model.zero_init_last": False}, "code": code}
     assert compare(no_bn, new_no_bn, "strict") == [("model.zero_init_last", True, False)]
     assert compare(no_bn, {"config": {**no_bn["config"], "model.zero_init_last": True}, "code": code}, "strict") == []
+    # model.width came to every model (1.0 where a model has no multiplier); a per-scale lookup table gaining a
+    # scale (hybrid_width.cpu) is not part of a run's identity: the value it feeds (model.width) is
+    tables = {"config": {**old["config"], "hybrid_width.full": 1.0, "hybrid_width.quick": 0.5}, "code": code}
+    grown = {"config": {**same["config"], "hybrid_width.full": 1.0, "hybrid_width.quick": 0.5, "hybrid_width.cpu": 0.5,
+                        "model.width": 1.0}, "code": code}
+    assert compare(tables, grown, "strict") == []
+    narrow = {"config": {**grown["config"], "model.width": 0.5}, "code": code}
+    assert compare(tables, narrow, "strict") == [("model.width", 1.0, 0.5)]

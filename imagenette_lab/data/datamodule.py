@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,31 +23,23 @@ from imagenette_lab.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BatchAugment,
+    ProgressiveResize,
     TransformSpec,
     as_triple,
     reference_transform,
 )
+from imagenette_lab.data.validation import (
+    NORMALIZE,
+    ON_CORRUPT,
+    PIPELINES,
+    VAL_CROPS,
+    choice,
+    int_at_least,
+    pair,
+)
 from imagenette_lab.data.verify import NOISE_LEVELS, SPLITS, Row, VerifiedDataset, verify_dataset
 
 log = logging.getLogger(__name__)
-
-ON_CORRUPT = ("error", "skip")
-PIPELINES = ("cached", "pil")
-VAL_CROPS = ("center", "random")
-NORMALIZE = ("imagenet", "dataset")  # imagenet: data.mean/std as configured | dataset: the training split's
-
-
-def _choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
-    if isinstance(value, bool) or value not in allowed:
-        raise ValueError(f"data.{key}={value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _pair(key: str, values: Sequence[float], low: float, high: float) -> tuple[float, float]:
-    vals = tuple(float(v) for v in values)
-    if len(vals) != 2 or not (low < vals[0] <= vals[1] <= high):
-        raise ValueError(f"data.{key}={list(values)} must be [min, max] with {low} < min <= max <= {high}")
-    return vals  # type: ignore[return-value]
-
 
 class ImagenetteDataModule(L.LightningDataModule):
     """ImageNette (or ImageWoof) train/val loaders with the report's transforms.
@@ -74,7 +66,8 @@ class ImagenetteDataModule(L.LightningDataModule):
     ``train_fraction < 1`` trains on a seeded, class-stratified subset of the training split (nested across
     fractions for one seed; validation is always the whole split). ``normalize="dataset"`` replaces
     ``mean``/``std`` by the per-channel statistics of the whole training split after Resize, computed once
-    and kept beside the resize cache (see :mod:`imagenette_lab.data.stats`).
+    and kept beside the resize cache (see :mod:`imagenette_lab.data.stats`). ``progressive`` (``start``,
+    ``epochs``, ``step``) trains the early epochs on smaller images (:class:`.transforms.ProgressiveResize`).
 
     Random streams: shuffling, training crops, validation crops and the device-side augmentation each
     have their own generator per rank, seeded from ``seed`` by :func:`imagenette_lab.resume.stream_seed`
@@ -114,33 +107,28 @@ class ImagenetteDataModule(L.LightningDataModule):
         mirror: str | None = None,
         train_fraction: float = 1.0,
         normalize: str = "imagenet",
+        progressive: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        _choice("dataset", dataset, list(DATASETS))
+        choice("dataset", dataset, list(DATASETS))
         variant = str(variant)
-        _choice("variant", variant, VARIANTS)
-        _choice("label_noise", label_noise, NOISE_LEVELS)
-        _choice("on_corrupt", on_corrupt, ON_CORRUPT)
-        _choice("pipeline", pipeline, PIPELINES)
-        _choice("val_crop", val_crop, VAL_CROPS)
-        _choice("normalize", normalize, NORMALIZE)
+        choice("variant", variant, VARIANTS)
+        choice("label_noise", label_noise, NOISE_LEVELS)
+        choice("on_corrupt", on_corrupt, ON_CORRUPT)
+        choice("pipeline", pipeline, PIPELINES)
+        choice("val_crop", val_crop, VAL_CROPS)
+        choice("normalize", normalize, NORMALIZE)
         stratified_subset([], train_fraction, 0)  # validates data.train_fraction before any data is touched
         self.spec = DATASETS[dataset]
         if num_classes != len(self.spec.classes):
             raise ValueError(
                 f"data.num_classes={num_classes} but dataset={dataset} has {len(self.spec.classes)} classes"
             )
-        for key, value in (("crop", crop), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{key}={value!r} must be a positive integer")
-        if isinstance(resize, bool) or not isinstance(resize, int) or resize < crop:
-            raise ValueError(f"data.resize={resize!r} must be an integer >= data.crop={crop} (px)")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
-        if prefetch_batches is not None and (
-            isinstance(prefetch_batches, bool) or not isinstance(prefetch_batches, int) or prefetch_batches < 0
-        ):
-            raise ValueError(f"data.prefetch_batches={prefetch_batches!r} must be null (auto) or an integer >= 0")
+        int_at_least("crop", crop, 1)
+        int_at_least("batch_size", batch_size, 1)
+        int_at_least("resize", resize, crop, low_name="data.crop")
+        int_at_least("num_workers", num_workers, 0)
+        int_at_least("prefetch_batches", prefetch_batches, 0, allow_none=True)
         for key, value in (("hflip_p", hflip_p), ("erase_p", erase_p)):
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"data.{key}={value!r} is a probability and must lie in [0, 1]")
@@ -155,8 +143,8 @@ class ImagenetteDataModule(L.LightningDataModule):
             std=std3,
             hflip_p=float(hflip_p),
             erase_p=float(erase_p),
-            erase_scale=_pair("erase_scale", erase_scale, 0.0, 1.0),
-            erase_ratio=_pair("erase_ratio", erase_ratio, 0.0, float("inf")),
+            erase_scale=pair("erase_scale", erase_scale, 0.0, 1.0),
+            erase_ratio=pair("erase_ratio", erase_ratio, 0.0, float("inf")),
         )
         self.variant = variant
         self.root = root
@@ -178,6 +166,7 @@ class ImagenetteDataModule(L.LightningDataModule):
         self.train_fraction = float(train_fraction)
         self.normalize = normalize
         self.augment = BatchAugment(self.transform_spec)
+        self.progressive = ProgressiveResize.from_config(progressive, crop)
         # seeded for this process's rank in setup(); the "augment" stream lives on the batches' device
         self.streams = resume.RandomStreams(seed, cpu=("shuffle", "train_crop", "val_crop"))
         # filled by setup()
@@ -391,11 +380,15 @@ class ImagenetteDataModule(L.LightningDataModule):
         return self.augment(images, train=train, generator=generator), labels
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning hook: run :meth:`gpu_transform` on the device for the cached pipeline."""
-        if self.pipeline != "cached":
-            return batch
+        """Lightning hook, on the device: :meth:`gpu_transform` for the cached pipeline, then (training, either
+        pipeline) the epoch's progressive resizing."""
         train = self.trainer is not None and self.trainer.training
-        return self.gpu_transform(batch, train=train)
+        if self.pipeline == "cached":
+            batch = self.gpu_transform(batch, train=train)
+        if train and self.progressive.start is not None:
+            images, labels = batch
+            batch = self.progressive(images, self.trainer.current_epoch), labels
+        return batch
 
     # ------------------------------------------------------------------------------- random-stream state
     def state_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import figures
-from .experiments import ExperimentSpec, Match, Published, spec_for
+from .experiments import CPU_SCALE, ExperimentSpec, Match, Published, spec_for
 from .fidelity import common_departures, data_lines, fmt_seconds, provenance_lines, read_provenance
 from .measures import best_acc, last_acc, last_value, mean_epoch_s, thresholds_of, time_to
 from .runs import Arm, Run, display_key, fixed_overrides, group_runs, make_arms, seeds_of, slug, swept_keys
@@ -319,8 +319,10 @@ def render_markdown(report: ExperimentReport, runs: Sequence[Run]) -> str:
     out += data_lines(runs)
     if report.provenance:
         out += ["- **Produced by:**", *["  " + line for line in provenance_lines(report.provenance)]]
-    if report.scale != "full" and spec.quick:
-        out += ["", f"> **{report.scale} scale — what it can and cannot say:** {spec.quick}"]
+    if report.scale == "quick" and spec.quick:
+        out += ["", f"> **quick scale — what it can and cannot say:** {spec.quick}"]
+    elif report.scale == "cpu":
+        out += ["", f"> **cpu scale — what it can and cannot say:** {CPU_SCALE}"]
     departures = [*common_departures(runs, report.scale), *spec.departures]
     out += ["", "## Where this departs from the report", "", *[f"- {d}" for d in departures]]
     out += ["", "## Accuracy", "", report.tables["accuracy"].markdown(), ""]

@@ -142,6 +142,15 @@ def common_departures(runs: Sequence[Run], scale: str) -> list[str]:
     own = "" if scale == "full" else f"; the {scale} scale sets its own"
     out = [f"**Epochs:** {shown}. The report never states its epoch count: the full scale's 30 epochs are our "
            f"assumption{own}."]
+    models = sorted({f"{r.config('model.name')} (width {r.config('model.width') or 1.0})" for r in done
+                     if r.config("model.name") == "resnet18"})
+    if models:  # the CPU scale's stand-in (conf/scale/cpu.yaml): not an architecture of the report
+        out.append(f"**Model:** {', '.join(models)} stands in for the experiment's own architecture, which cannot "
+                   "reach 80 % in 20 minutes on 2 CPU cores; ResNet-18 is not in the report.")
+    progressive = sorted({r.config("data.progressive.start") for r in done} - {None})
+    if progressive:
+        out.append(f"**Progressive resizing:** training images start at {', '.join(map(str, progressive))} px and "
+                   "grow to the crop size (`data.progressive`); the report trained at one size.")
     if any(r.config("data.val_crop") == "center" for r in done):
         out.append("**Validation crops** are centred (`data.val_crop=center`); the report used RandomCrop on the "
                    "validation images too, which makes its validation accuracy itself a random variable.")

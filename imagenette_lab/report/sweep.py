@@ -43,7 +43,7 @@ def sweep_dir(overrides: list[str]) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m imagenette_lab.report.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment", help=f"one of: {', '.join(experiments_available())}")
-    ap.add_argument("--scale", default="full", help="full (the report's 224 px recipe) | quick (2-core CPU)")
+    ap.add_argument("--scale", default="full", help="full (the report's 224 px recipe) | cpu (its accuracy regime on 2 CPU cores) | quick (smoke scale)")
     ap.add_argument("--seeds", default="", help="comma-separated seeds (default: the experiment's, 1,2,3)")
     ap.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "results"), help="where artefacts are rendered")
     ap.add_argument("--no-render", action="store_true", help="only run the sweep")
