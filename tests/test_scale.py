@@ -149,7 +149,7 @@ def test_bad_input_fails_fast_with_a_clear_message(tmp_path: Path, mini_archive:
     """Incompatible flags and an unwritable output folder stop the run before any data is touched."""
     cases = {
         "width on resnet50": (
-            ["model=resnet50", "+model.width=0.5"],
+            ["model=resnet50", "model.width=0.5"],
             "'width' is not supported by 'resnet50'",
         ),
         "bad label noise": (["data.label_noise=7"], "data.label_noise=7"),
