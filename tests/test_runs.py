@@ -72,13 +72,24 @@ def test_rerun_skips_only_the_same_run_and_refuses_others_naming_the_keys(
 ) -> None:
     run_dir = tmp_path / "run"
     args = [*BASE, "trainer.max_epochs=1", "logger=csv", f"hydra.run.dir={run_dir}"]
-    run_cli([*args, f"data.archive={mini_archive}"], tmp_path)
+    archive = tmp_path / "archives" / mini_archive.name  # a copy this test may touch
+    archive.parent.mkdir()
+    shutil.copy2(mini_archive, archive)
+    run_cli([*args, f"data.archive={archive}"], tmp_path)
     first = _metrics(run_dir)
     assert first["status"] == "completed" and len(first["attempts"]) == 1
     assert first["attempts"][0]["versions"]["torch"] == metadata.version("torch")
     identity = json.loads((run_dir / IDENTITY_FILE).read_text())
     assert identity["fingerprint"]["data"]["images"] == {"train": 200, "val": 100}
     stamp = (run_dir / "metrics.json").stat().st_mtime_ns
+
+    # The same archive copied again or touched (as a fresh machine's shared disk does): extracted into a
+    # new folder, but the same images, so skipped.
+    os.utime(archive, ns=(time.time_ns(), time.time_ns()))
+    touched = run_cli([*args, f"data.archive={archive}"], tmp_path)
+    assert "already completed" in touched.stdout + touched.stderr, touched.stderr[-3000:]
+    stem = mini_archive.name.split(".")[0]
+    assert sum(p.is_dir() for p in (tmp_path / "data").glob(f"{stem}*")) == 2  # two extractions
 
     # The same data from another location (an extracted copy): same identity, so skipped.
     same = run_cli([*args, f"data.root={mini_root}"], tmp_path)
