@@ -26,7 +26,13 @@ from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from imagenette_lab.callbacks import EpochCSVLogger, RunInterrupted, RunRecorder, install_signal_handlers
+from imagenette_lab.callbacks import (
+    EpochCSVLogger,
+    RunInterrupted,
+    RunRecorder,
+    TrainingClock,
+    install_signal_handlers,
+)
 from imagenette_lab.config_checks import resolve_runtime, validate_config
 from imagenette_lab.loggers import finish_wandb, log_wandb_summary, make_loggers
 from imagenette_lab.models import count_params
@@ -142,17 +148,17 @@ def run(cfg: DictConfig, run_dir: Path, lead: bool) -> float | None:
 
 
 def make_trainer(cfg: DictConfig, run_dir: Path, recorder: RunRecorder, resume_epoch: int | None) -> pl.Trainer:
-    # The recorder first: its epoch-start hook releases stop signals held since the last epoch end before
-    # any other callback runs (Lightning moves the checkpoint callbacks after all others itself).
-    callbacks = [recorder] + [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    # The clock, then the recorder: the epoch's timing is in the recorder's metrics.json of the same epoch, and
+    # the recorder's epoch-start hook releases stop signals held since the last epoch end before any callback
+    # that does work runs (the clock only reads a timer; Lightning moves the checkpoint callbacks last itself).
+    configured = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    clocks = [c for c in configured if isinstance(c, TrainingClock)]
+    callbacks = [*clocks, recorder, *(c for c in configured if not isinstance(c, TrainingClock))]
     # trainer.enable_progress_bar / enable_model_summary=false switch the configured callbacks off too.
     callbacks = [c for c in callbacks if not (isinstance(c, ProgressBar) and not cfg.trainer.enable_progress_bar)
                  and not (isinstance(c, ModelSummary) and not cfg.trainer.enable_model_summary)]
     loggers = [EpochCSVLogger(run_dir, resume_epoch=resume_epoch), *make_loggers(cfg, run_dir)]
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in ("compile", "channels_last"):  # LightningModule settings kept in the trainer group
-        trainer_cfg.pop(key)
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
 
 
 def fit_and_record(cfg: DictConfig, trainer: pl.Trainer, module: Any, datamodule: Any, recorder: RunRecorder,

@@ -63,8 +63,8 @@ def make_variants(names: list[str], preset: DictConfig) -> list[Variant]:
     base = Variant(
         name="default",
         batch=int(preset.data.batch_size),
-        channels_last=bool(preset.trainer.channels_last),
-        compile=bool(preset.trainer.compile),
+        channels_last=bool(preset.module.channels_last),
+        compile=bool(preset.module.compile),
         fused=bool(preset.optim.get("fused") or False),
         bf16="bf16" in str(preset.trainer.precision),
     )

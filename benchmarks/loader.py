@@ -30,7 +30,7 @@ def _window(dm: ImagenetteDataModule, stream: Iterator, seconds: float, augment:
     while (elapsed := time.perf_counter() - start) < seconds:
         batch = next(stream)
         if augment:  # the cached pipeline's flip/normalize/erase, here on the CPU
-            batch = dm.gpu_transform(batch, train=True)
+            batch = dm.device_transform(batch, train=True)
         images += batch[1].shape[0]
     return images / elapsed, images
 

@@ -188,7 +188,7 @@ def _loader_section(rows_in: list[dict[str, Any]], cfg: DictConfig) -> str:
         "turns (order flipped every round), so they see the same machine load; runs with workers are "
         "timed alone (their workers would decode ahead during the others' windows). The cached pipeline ignores `num_workers` (it slices crops in the main process), so the target "
         f"compares it with pil at 0 workers: one process, one thread, each{versus}. On a GPU its "
-        "flip/normalize/erase runs on the device (`gpu_transform`); the `+ BatchAugment` row does that on "
+        "flip/normalize/erase runs on the device (`device_transform`); the `+ BatchAugment` row does that on "
         "the CPU instead, which is what a CPU training run pays (it is inside the end-to-end numbers "
         "below). Peak RSS is per process; the part in brackets is what loading added to the imports. It "
         "counts the memory-mapped cache pages a process touched (shared, reclaimable page cache) and, for "
@@ -271,7 +271,7 @@ def _e2e_section(rows_in: list[dict[str, Any]], cfg: DictConfig, setup: StepSetu
     ]
     block = "one epoch" if b.e2e_steps is None else f"{b.e2e_steps} steps"
     note = (
-        f"{setup.describe()}. End to end = `train_dataloader()` -> `.to(device)` -> `gpu_transform` -> "
+        f"{setup.describe()}. End to end = `train_dataloader()` -> `.to(device)` -> `device_transform` -> "
         "step; model-only = the same step on one such batch kept on the device. "
         f"{b.warmup} warm-up step(s) through the loader, then {b.e2e_rounds} round(s) of a model-only and "
         f"an end-to-end block of {block} each (order flipped every round), timed by the wall clock, "

@@ -230,7 +230,7 @@ class LoaderFeed:
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = (t.to(self.device, non_blocking=True) for t in next(self.stream))
-        return self.dm.gpu_transform((x, y), train=True) if self.dm.pipeline == "cached" else (x, y)
+        return self.dm.device_transform((x, y), train=True) if self.dm.pipeline == "cached" else (x, y)
 
 
 def e2e_rates(step: TrainStep, feeds: dict[str, LoaderFeed], steps: int, b: DictConfig) -> dict[str, float]:

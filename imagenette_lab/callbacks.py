@@ -6,6 +6,9 @@ preemption signals.
   version folder on every start).
 - :class:`RunRecorder` writes ``<run>/metrics.json`` at every epoch (status ``running``), on failure
   (``failed``) and on SIGTERM/SIGINT (``interrupted``); ``run.py`` writes the final ``completed`` one.
+- :class:`TrainingClock` times epochs and training throughput and records time-to-accuracy; its record
+  goes into checkpoints, so a resumed run continues the clock. (Lightning's ``Timer`` callback measures
+  stage durations but neither images/s nor the first epoch that reaches an accuracy.)
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import math
 import os
 import signal
 import tempfile
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +203,79 @@ def _fmt(value: float | None) -> str:
     return repr(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
 
 
+class TrainingClock(pl.Callback):
+    """Per epoch, logs ``time/epoch_s`` (the whole epoch: training, validation, checkpoints),
+    ``time/train_s`` and ``time/train_images_per_s`` (training batches only, data loading included), and
+    records in :attr:`time_to_acc` the first epoch and elapsed training seconds at which ``val/acc`` reaches
+    each of ``acc_thresholds``. Its state travels in checkpoints, so ``train_seconds`` and ``time_to_acc``
+    count the earlier attempts of a resumed run. Timing never changes a result: not in a run's identity.
+    """
+
+    def __init__(self, acc_thresholds: Sequence[float] = (0.80, 0.85, 0.90)) -> None:
+        self.time_to_acc: dict[str, dict[str, float] | None] = {f"{float(t):.2f}": None for t in acc_thresholds}
+        self.train_seconds = 0.0  # s, wall time of training+validation epochs, earlier attempts included
+        self.throughput: dict[str, float] = {}
+        self._before_resume = 0.0  # s, train_seconds of earlier attempts (restored from the checkpoint)
+        self._restored: dict[str, Any] | None = None  # a checkpoint's record, applied when training starts
+        self._fit_start = self._epoch_start = self._last_batch_end = 0.0
+        self._epoch_images = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Only a resumed fit continues a checkpoint's record: validating the best checkpoint at the end also
+        # loads callback states, and must not turn the clock back to that epoch.
+        if self._restored is not None:
+            self.time_to_acc.update(self._restored.get("time_to_acc", {}))
+            self.train_seconds = float(self._restored.get("train_seconds", 0.0))
+            self._restored = None
+        self._before_resume = self.train_seconds
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = self._last_batch_end = time.perf_counter()
+        self._epoch_images = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._epoch_images += len(batch[1])  # the labels: a size on the host, no device read
+        self._last_batch_end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        train_s = self._last_batch_end - self._epoch_start
+        epoch_s = time.perf_counter() - self._epoch_start
+        ips = self._epoch_images * trainer.world_size / max(train_s, 1e-9)
+        self.throughput = {"train_images_per_s": ips, "train_s": train_s, "epoch_s": epoch_s}
+        pl_module.log_dict({"time/train_images_per_s": ips, "time/train_s": train_s, "time/epoch_s": epoch_s})
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the epoch's metrics are aggregated, before the checkpoint callbacks (Lightning runs them last),
+        # so the checkpoint of the epoch that first reached a threshold records it.
+        if trainer.state.fn != "fit" or trainer.sanity_checking or "val/acc" not in trainer.callback_metrics:
+            return
+        acc = float(trainer.callback_metrics["val/acc"])
+        self.train_seconds = self._before_resume + time.perf_counter() - self._fit_start
+        for key, hit in self.time_to_acc.items():
+            if hit is None and acc >= float(key):
+                self.time_to_acc[key] = {"epoch": trainer.current_epoch + 1, "seconds": self.train_seconds}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"time_to_acc": self.time_to_acc, "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Checkpoints written before the clock was a callback kept its record in the module's "run_state".
+        if "run_state" in checkpoint and not any("TrainingClock" in k for k in checkpoint.get("callbacks", {})):
+            self._restored = checkpoint["run_state"]
+
+
+def clock_of(trainer: pl.Trainer) -> TrainingClock | None:
+    return next((c for c in trainer.callbacks if isinstance(c, TrainingClock)), None)
+
+
 class RunRecorder(pl.Callback):
     """Keeps ``<run>/metrics.json`` current: ``running`` after each epoch, ``failed`` or ``interrupted``
     when training stops early (the last good ``last.ckpt`` is kept), via ``write``.
@@ -215,6 +293,7 @@ class RunRecorder(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         ckpt = trainer.checkpoint_callback
         best_score = getattr(ckpt, "best_model_score", None)
+        clock = clock_of(trainer)
         return {
             **self.base,
             "status": self.status,
@@ -226,9 +305,9 @@ class RunRecorder(pl.Callback):
             },
             "per_class_acc": getattr(module, "last_per_class", {}),
             "confusion_matrix": getattr(module, "last_confusion", []),
-            "time_to_acc": getattr(module, "time_to_acc", {}),
-            "train_seconds": getattr(module, "train_seconds", None),
-            "throughput": getattr(module, "throughput", {}),
+            "time_to_acc": clock.time_to_acc if clock else {},
+            "train_seconds": clock.train_seconds if clock else None,
+            "throughput": clock.throughput if clock else {},
         }
 
     @rank_zero_only

@@ -82,8 +82,8 @@ def resolve_runtime(cfg: DictConfig) -> None:
             cfg.trainer.precision = "bf16-mixed" if on_gpu else "32-true"
         if cfg.trainer.benchmark is None:
             cfg.trainer.benchmark = on_gpu
-        if cfg.trainer.channels_last is None:
-            cfg.trainer.channels_last = on_gpu
+        if cfg.module.channels_last is None:
+            cfg.module.channels_last = on_gpu
         if cfg.optim.get("fused", False) is None:
             cfg.optim.fused = on_gpu  # one kernel for the whole update; on CPU it exists too but measured 1.02x (BENCHMARKS.md)
     if on_gpu:

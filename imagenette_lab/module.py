@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,10 +20,8 @@ class ClassifierModule(pl.LightningModule):
 
     The optimizer and scheduler arrive as Hydra ``_partial_`` factories (``optim`` and ``sched`` config
     groups), so nothing about them is hard-coded here. Logged per epoch: ``train/loss``, ``train/acc``,
-    ``val/loss``, ``val/acc`` (micro top-1), ``val/acc_best``, ``val/acc_<class name>``, ``lr``,
-    ``time/epoch_s`` and ``time/train_images_per_s``. Time-to-accuracy (the first epoch and the elapsed
-    training seconds at which ``val/acc`` reaches each threshold) is kept in :attr:`time_to_acc` and saved
-    in checkpoints so it survives a resume.
+    ``val/loss``, ``val/acc`` (micro top-1), ``val/acc_best``, ``val/acc_<class name>`` and ``lr``.
+    Timing, throughput and time-to-accuracy are a callback's (:class:`~imagenette_lab.callbacks.TrainingClock`).
 
     GoogLeNet with auxiliary heads returns ``(logits, aux1, aux2)`` in training; each auxiliary
     cross-entropy is added with weight ``aux_loss_weight``.
@@ -47,7 +44,6 @@ class ClassifierModule(pl.LightningModule):
         aux_loss_weight: float = 0.3,
         channels_last: bool = False,
         compile: bool = False,
-        acc_thresholds: Sequence[float] = (),  # set by conf/config.yaml (module.acc_thresholds), the one place
         hparams: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -62,7 +58,6 @@ class ClassifierModule(pl.LightningModule):
         self.aux_loss_weight = aux_loss_weight
         self.channels_last = channels_last
         self.compile_net = compile  # not `self.compile`: that would shadow nn.Module.compile
-        self.acc_thresholds = [float(t) for t in acc_thresholds]
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
 
@@ -78,17 +73,9 @@ class ClassifierModule(pl.LightningModule):
         self.val_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
         self.val_acc_best = MaxMetric()
 
-        # Run bookkeeping (restored from checkpoints on resume).
-        self.time_to_acc: dict[str, dict[str, float] | None] = {f"{t:.2f}": None for t in self.acc_thresholds}
-        self.train_seconds = 0.0  # s, wall time spent in training+validation epochs so far
+        # The last validation's per-class accuracy and confusion matrix (metrics.json, W&B).
         self.last_per_class: dict[str, float] = {}
         self.last_confusion: list[list[int]] = []
-        self.throughput: dict[str, float] = {}
-        self._epoch_start = 0.0
-        self._last_batch_end = 0.0
-        self._epoch_images = 0
-        self._fit_start = 0.0
-        self._seconds_before_resume = 0.0  # s, training time of earlier (interrupted) attempts
         self._forward: nn.Module = self.net
         # First non-finite training loss, kept on the device: its optimizer step (-1 = none yet) and value.
         # Plain attributes, not buffers: never in checkpoints, and DDP does not overwrite each rank's own
@@ -123,19 +110,11 @@ class ClassifierModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self._bad_step = torch.tensor(-1, device=self.device)
         self._bad_loss = torch.tensor(0.0, device=self.device)
-        self._fit_start = time.perf_counter()
-        self._seconds_before_resume = self.train_seconds
-
-    def on_train_epoch_start(self) -> None:
-        self._epoch_start = time.perf_counter()
-        self._last_batch_end = self._epoch_start
-        self._epoch_images = 0
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.trainer.log_every_n_steps
         if every and (batch_idx + 1) % every == 0:
             self._raise_if_nonfinite()
-        self._last_batch_end = time.perf_counter()
 
     def _record_nonfinite(self, loss: torch.Tensor) -> None:
         """Remember the first step whose loss is NaN/inf, with device ops only (no host read)."""
@@ -166,7 +145,6 @@ class ClassifierModule(pl.LightningModule):
         self._record_nonfinite(loss)
         self.train_loss(loss.detach())
         self.train_acc(logits.detach(), y)
-        self._epoch_images += y.shape[0]
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
         return loss
@@ -179,15 +157,6 @@ class ClassifierModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         # Before the checkpoint callbacks' own on_train_epoch_end (Lightning runs them after this hook).
         self._raise_if_nonfinite()
-        # Throughput counts the training batches only (data loading included); the epoch time is the whole
-        # epoch wall clock: training, validation and checkpointing.
-        train_s = self._last_batch_end - self._epoch_start
-        epoch_s = time.perf_counter() - self._epoch_start
-        ips = self._epoch_images * self.trainer.world_size / max(train_s, 1e-9)
-        self.throughput = {"train_images_per_s": ips, "train_s": train_s, "epoch_s": epoch_s}
-        self.log("time/train_images_per_s", ips)
-        self.log("time/train_s", train_s)
-        self.log("time/epoch_s", epoch_s)
         # lr used during this epoch (epoch-interval schedulers step after this hook)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
@@ -217,11 +186,6 @@ class ClassifierModule(pl.LightningModule):
         for name, value in self.last_per_class.items():
             self.log(f"val/acc_{name}", value)
         self.last_confusion = confusion.int().tolist()
-        if self.trainer.state.fn == "fit":
-            self.train_seconds = self._seconds_before_resume + time.perf_counter() - self._fit_start
-            for key, hit in self.time_to_acc.items():
-                if hit is None and acc >= float(key):
-                    self.time_to_acc[key] = {"epoch": self.current_epoch + 1, "seconds": self.train_seconds}
 
     # ---------------------------------------------------------------- optim
     def configure_optimizers(self) -> Any:
@@ -238,15 +202,12 @@ class ClassifierModule(pl.LightningModule):
 
     # ---------------------------------------------------------------- state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # MaxMetric's state is not in the state dict (torchmetrics keeps it out): kept here for resumes.
         checkpoint["run_state"] = {
-            "time_to_acc": self.time_to_acc,
-            "train_seconds": self.train_seconds,
             "val_acc_best": float(self.val_acc_best.compute()) if self.val_acc_best.update_called else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("run_state", {})
-        self.time_to_acc.update(state.get("time_to_acc", {}))
-        self.train_seconds = float(state.get("train_seconds", 0.0))
         if state.get("val_acc_best") is not None:
             self.val_acc_best(torch.tensor(state["val_acc_best"]))

@@ -38,7 +38,7 @@ log = logging.getLogger("imagenette_lab")
 LOCATION_KEYS = (
     "data.archive", "data.root", "data.data_dir", "data.mirror", "paths", "hydra", "logger", "ckpt_path",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "callbacks.progress_bar",
-    "callbacks.model_summary", "name", "tags", "experiment_name", "rerun",
+    "callbacks.model_summary", "callbacks.clock", "name", "tags", "experiment_name", "rerun",
 )
 # Location keys that may hold a credential or an account name: never written to names, tags or pages.
 SECRET_KEYS = ("data.mirror", "logger.wandb.entity")
@@ -187,13 +187,19 @@ KEYS_ADDED_LATER: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "data.progressive.start": lambda c: None,  # off: every epoch at data.crop
     "data.progressive.epochs": lambda c: [0, 0],
     "data.progressive.step": lambda c: 8,
+    "stand_in_width": lambda c: 0.5 if c.get("scale_name") == "cpu" else None,  # written out once per scale
 }
+
+
+# Config keys that left the identity after folders recorded them: moved to the module group (whose keys,
+# interpolated from them then, older folders also hold) or now a location key (the clock's thresholds).
+KEYS_RETIRED = ("trainer.compile", "trainer.channels_last", "module.acc_thresholds")
 
 
 def with_keys_added_later(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """``old`` (a folder's dotted config keys) with the keys it predates and ``new`` has, filled in as its
-    code behaved."""
-    filled = dict(old)
+    code behaved, and without the retired keys ``new`` no longer has."""
+    filled = {k: v for k, v in old.items() if k in new or k not in KEYS_RETIRED}
     for key, then in KEYS_ADDED_LATER.items():
         if key in new and key not in filled:
             filled[key] = then(filled)

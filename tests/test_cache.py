@@ -148,7 +148,7 @@ def test_validation_center_crop_matches_reference(tmp_path: Path, ragged_root: P
     dm = ready(make_dm(tmp_path, ragged_root))
     ref = reference_transform(dm.transform_spec, train=False)
     images, labels = next(iter(dm.val_dataloader()))
-    images, _ = dm.gpu_transform((images, labels), train=False)
+    images, _ = dm.device_transform((images, labels), train=False)
     for k, path in enumerate(dm.val_files[:8]):
         expected = ref(Image.open(path).convert("RGB"))
         assert (images[k] - expected).abs().max().item() <= TOLERANCE

@@ -290,7 +290,7 @@ def test_normalize_dataset_uses_the_training_split_statistics(tmp_path: Path, mi
     assert abs(mean[0] - MEAN.flatten()[0].item()) > 1e-3  # ImageNet's are not what was used
     # batches are normalized with them: (x / 255 - mean) / std of the raw uint8 crop
     raw, _ = dm.val_set[0]
-    got = dm.gpu_transform((raw[None], torch.zeros(1, dtype=torch.int64)), train=False)[0][0]
+    got = dm.device_transform((raw[None], torch.zeros(1, dtype=torch.int64)), train=False)[0][0]
     want = (raw.double() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
     # the pil pipeline normalizes with the same numbers (computed without the cache)

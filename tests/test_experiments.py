@@ -63,7 +63,7 @@ def test_every_report_experiment_has_a_config_and_a_report_spec() -> None:
 def test_experiments_name_their_sweep_folder() -> None:
     """Sweeps land in logs/multiruns/<experiment>/<scale>. Needs ``_self_`` listed before ``experiment`` in
     conf/config.yaml's defaults: otherwise the root config's own values (``experiment_name: adhoc``,
-    ``module.acc_thresholds``) override the experiment's."""
+    ``callbacks.clock.acc_thresholds``) override the experiment's."""
     for name in EXPERIMENTS:
         cfg = compose_job([f"experiment={name}"])
         assert cfg.experiment_name == name, (
@@ -152,7 +152,7 @@ def test_sweeps_match_the_report() -> None:
         "relu6",
         "mish",
     ]
-    thresholds = list(compose_job(["experiment=activation"]).module.acc_thresholds)
+    thresholds = list(compose_job(["experiment=activation"]).callbacks.clock.acc_thresholds)
     assert thresholds == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9], (
         "see test_experiments_name_their_sweep_folder"
     )

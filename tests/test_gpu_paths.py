@@ -231,7 +231,7 @@ def test_nonfinite_loss_is_named_and_no_checkpoint_of_that_epoch_is_written(
 
 # --------------------------------------------------------------------------- the GPU preset on the CPU
 # What trainer=gpu resolves to on a GPU (config_checks.resolve_runtime), with the report's Adam, fused.
-GPU_PATHS = ["trainer.precision=bf16-mixed", "trainer.channels_last=true", "trainer.compile=true", "optim.fused=true"]
+GPU_PATHS = ["trainer.precision=bf16-mixed", "module.channels_last=true", "module.compile=true", "optim.fused=true"]
 TINY_STAGES = [(6, 24, 2, 2)]  # (expansion, channels, blocks, stride): a projection block, then an identity one
 
 
@@ -284,7 +284,7 @@ def test_gpu_preset_paths_complete_a_real_run_on_the_cpu(tmp_path: Path, mini_ar
         for i, batch in enumerate(dm.val_dataloader()):
             if i == 2:  # debug=limit validates 2 batches
                 break
-            x, y = dm.gpu_transform(batch, train=False)
+            x, y = dm.device_transform(batch, train=False)
             logits = fresh.eval()(x)
             losses.append(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())

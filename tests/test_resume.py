@@ -24,6 +24,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from imagenette_lab.callbacks import read_epochs_csv
 from imagenette_lab.data import ImagenetteDataModule
 from imagenette_lab.resume import (
     STREAMS,
@@ -77,8 +78,6 @@ RESUME_ARGS = [
 
 
 def _epochs_csv(run: Path) -> list[dict[str, float]]:
-    from imagenette_lab.callbacks import read_epochs_csv
-
     # wall-clock columns are the only ones allowed to differ; NaN (a class absent from the few validation
     # batches) is made comparable
     return [{k: ("nan" if v != v else v) for k, v in row.items() if not k.startswith("time/")}
@@ -129,7 +128,14 @@ def test_sigterm_and_rerun_equals_the_uninterrupted_run(tmp_path: Path, mini_arc
         assert last.is_file() and not last.is_symlink(), "last.ckpt must be a file of its own"
         assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1 == done
         assert [r["epoch"] for r in _epochs_csv(run)] == list(range(1, done + 1))
+    clock = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["TrainingClock"]
     run_cli(args, tmp_path)
+    # the training clock continues from the checkpoint: two epochs of earlier attempts plus this one's
+    rows = read_epochs_csv(run / "epochs.csv")
+    this_attempt = sum(float(r["time/epoch_s"]) for r in rows if r["epoch"] > 2)
+    assert clock["train_seconds"] > 0
+    slack = float(rows[-1]["time/epoch_s"]) / 2  # the last epoch_s also counts its checkpoint save
+    assert json.loads((run / "metrics.json").read_text())["train_seconds"] >= clock["train_seconds"] + this_attempt - slack
 
     got_rows = _epochs_csv(run)
     assert len(got_rows) == EPOCHS
@@ -153,7 +159,7 @@ def test_streams_never_coincide_across_streams_seeds_and_ranks() -> None:
 
 def _epoch(dm: ImagenetteDataModule) -> list[torch.Tensor]:
     """One epoch of everything random: shuffled labels, augmented training crops, random validation crops."""
-    train = [dm.gpu_transform(batch, train=True) for batch in dm.train_dataloader()]
+    train = [dm.device_transform(batch, train=True) for batch in dm.train_dataloader()]
     val = [x for x, _ in dm.val_dataloader()]
     return [torch.cat([y for _, y in train]), torch.cat([x for x, _ in train]), torch.cat(val)]
 

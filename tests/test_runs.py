@@ -292,3 +292,12 @@ def test_folders_older_than_a_config_key_match_only_the_value_their_code_used() 
     assert compare(tables, grown, "strict") == []
     narrow = {"config": {**grown["config"], "model.width": 0.5}, "code": code}
     assert compare(tables, narrow, "strict") == [("model.width", 1.0, 0.5)]
+    # compile/channels_last moved from the trainer group to the module's (which held the same values already)
+    # and the clock's thresholds are not part of the identity: older folders match, a real change does not
+    moved = {"config": {**old["config"], "trainer.compile": False, "trainer.channels_last": True,
+                        "module.compile": False, "module.channels_last": True, "module.acc_thresholds": [0.8]},
+             "code": code}
+    now = {"config": {**same["config"], "module.compile": False, "module.channels_last": True}, "code": code}
+    assert compare(moved, now, "strict") == []
+    nchw = {"config": {**now["config"], "module.channels_last": False}, "code": code}
+    assert compare(moved, nchw, "strict") == [("module.channels_last", True, False)]

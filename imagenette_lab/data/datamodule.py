@@ -57,7 +57,7 @@ class ImagenetteDataModule(L.LightningDataModule):
       thread slices ``prefetch_batches`` batches ahead into pinned memory, see :mod:`.prefetch`) and
       :meth:`on_after_batch_transfer` (Lightning calls it after moving the batch to the device) flips,
       normalizes and erases the whole batch on that device when ``trainer.training``, and only
-      normalizes otherwise. Without a trainer, call :meth:`gpu_transform` yourself.
+      normalizes otherwise. Without a trainer, call :meth:`device_transform` yourself.
 
     Validation crops are centred by default (``val_crop="center"``); the report literally used the
     training RandomCrop for validation too (``val_crop="random"``), which makes validation accuracy a
@@ -371,21 +371,22 @@ class ImagenetteDataModule(L.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
     # ------------------------------------------------------------------------------- device-side ops
-    def gpu_transform(
+    def device_transform(
         self, batch: tuple[torch.Tensor, torch.Tensor], train: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached pipeline: uint8 crops -> normalized float32 (flip + erase too when ``train``)."""
+        """Cached pipeline, on the batch's device (GPU or CPU): uint8 crops -> normalized float32 (flip + erase
+        too when ``train``)."""
         images, labels = batch
         generator = self.streams.device_stream("augment", images.device, self._rank()) if train else None
         return self.augment(images, train=train, generator=generator), labels
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning hook, on the device: :meth:`gpu_transform` for the cached pipeline, then (training, either
+        """Lightning hook, on the device: :meth:`device_transform` for the cached pipeline, then (training, either
         pipeline) the epoch's progressive resizing."""
         train = self.trainer is not None and self.trainer.training
         if self.pipeline == "cached":
-            batch = self.gpu_transform(batch, train=train)
-        if train and self.progressive.start is not None:
+            batch = self.device_transform(batch, train=train)
+        if train:  # identity in the epochs at data.crop (and always when data.progressive.start is null)
             images, labels = batch
             batch = self.progressive(images, self.trainer.current_epoch), labels
         return batch

@@ -143,7 +143,7 @@ def common_departures(runs: Sequence[Run], scale: str) -> list[str]:
     out = [f"**Epochs:** {shown}. The report never states its epoch count: the full scale's 30 epochs are our "
            f"assumption{own}."]
     models = sorted({f"{r.config('model.name')} (width {r.config('model.width') or 1.0})" for r in done
-                     if r.config("model.name") == "resnet18"})
+                     if r.config("scale_name") == "cpu"})
     if models:  # the CPU scale's stand-in (conf/scale/cpu.yaml): not an architecture of the report
         out.append(f"**Model:** {', '.join(models)} stands in for the experiment's own architecture, which cannot "
                    "reach 80 % in 20 minutes on 2 CPU cores; ResNet-18 is not in the report.")
