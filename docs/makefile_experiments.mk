@@ -21,7 +21,7 @@ RESULTS ?= docs/results
 PRESETS := cpu_train
 EXPERIMENTS := $(filter-out $(PRESETS),$(sort $(basename $(notdir $(wildcard conf/experiment/*.yaml)))))
 
-.PHONY: $(EXPERIMENTS) report claims
+.PHONY: $(EXPERIMENTS) report claims readme
 
 define run_experiment
 $(PY) -m imagenette_lab.report.sweep $@ --scale $(SCALE) --seeds $(SEEDS) --out $(RESULTS) \
@@ -40,3 +40,6 @@ report: install ## Render every sweep under logs/multiruns -> $(RESULTS)/<scale>
 
 claims: install ## Render $(RESULTS)/CLAIMS.md (every claim of the report, a verdict per scale) from logs/multiruns
 	$(PY) -m imagenette_lab.report logs/multiruns --out $(RESULTS) --claims-only
+
+readme: install ## Regenerate README.md's experiments table from conf/experiment/*.yaml (a test checks it is current)
+	$(PY) -m imagenette_lab.report.catalogue README.md

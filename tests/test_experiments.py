@@ -16,10 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from imagenette_lab.callbacks import read_epochs_csv
 from imagenette_lab.config_checks import validate_config
-from imagenette_lab.report import EXPERIMENTS, expand_sweep, load_runs, make_arms, render
+from imagenette_lab.report import EXPERIMENTS, catalogue, expand_sweep, load_runs, make_arms, render
 from imagenette_lab.report.build import published_for
+from imagenette_lab.report.catalogue import no_cpu_form, sweep_at
 from imagenette_lab.report.claims import CLAIMS
 from imagenette_lab.report.runs import arm_key, natural_key
+from imagenette_lab.report.sweep import main as sweep_main
 from imagenette_lab.resolvers import register as register_resolvers
 from tests.test_train import REPO, run_cli
 
@@ -72,7 +74,7 @@ def test_experiments_name_their_sweep_folder() -> None:
         )
 
 
-NO_CPU_FORM = {"architectures", "table1", "resize"}  # their arms are the report's own architectures/resolutions
+NO_CPU_FORM = {n for n in EXPERIMENTS if no_cpu_form(n)}  # the files' `# no-cpu-form:` lines
 
 
 @pytest.mark.parametrize(
@@ -368,3 +370,25 @@ def test_make_targets_and_help_come_from_the_experiment_files() -> None:
         cmd = subprocess.run(["make", "-n", "--no-print-directory", name, "SCALE=quick", "SEEDS=1"], cwd=REPO,
                              text=True, capture_output=True, check=True).stdout
         assert f"-m imagenette_lab.report.sweep {name} --scale quick --seeds 1" in cmd
+
+
+def test_experiments_without_a_cpu_form_say_why_and_make_refuses_them(capsys: pytest.CaptureFixture) -> None:
+    """An experiment whose sweep does not compose at scale=cpu must carry a `# no-cpu-form:` line, and
+    `make <it> SCALE=cpu` stops before any run with that reason."""
+    assert "resize" in NO_CPU_FORM and "activation" not in NO_CPU_FORM
+    for name in EXPERIMENTS:
+        assert sweep_at(name, "cpu") is not None or no_cpu_form(name), f"{name}: no cpu sweep and no reason"
+    assert sweep_main(["architectures", "--scale", "cpu", "--no-render"]) == 2
+    err = capsys.readouterr().err
+    assert "architectures has no cpu form" in err and "SCALE=quick" in err
+
+
+def test_readme_experiments_table_is_generated_from_the_experiment_files() -> None:
+    """README.md's experiments table is `make readme`'s output: an edited experiment file without
+    `make readme` fails here."""
+    text = (REPO / "README.md").read_text()
+    block = text.split(catalogue.BEGIN, 1)[1].split(catalogue.END, 1)[0].strip()
+    table = catalogue.experiment_table()
+    assert block == table, "README.md's experiments table is stale: run `make readme`"
+    assert all(f"`make {name}`" in table for name in EXPERIMENTS)
+    assert "| `make resize` |" in table and table.split("| `make resize` |")[1].split("\n")[0].endswith("| full, quick |")

@@ -19,6 +19,7 @@ from pathlib import Path
 from imagenette_lab.provenance import MAKE_ENV, PROJECT_ROOT
 
 from .build import render
+from .catalogue import no_cpu_form
 
 CONF_DIR = PROJECT_ROOT / "conf"
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment not in experiments_available():
         ap.error(f"unknown experiment {args.experiment!r}; choose one of {', '.join(experiments_available())}")
 
+    if args.scale == "cpu" and (why := no_cpu_form(args.experiment)):
+        print(f"error: {args.experiment} has no cpu form ({why}; conf/experiment/{args.experiment}.yaml). "
+              "Run it with SCALE=quick on a CPU, or SCALE=full on a GPU.", file=sys.stderr)
+        return 2
     overrides = [f"experiment={args.experiment}", f"scale={args.scale}", *args.overrides]
     if args.seeds:  # a command-line sweep of a key replaces the experiment's hydra.sweeper.params entry
         overrides.append(f"seed={args.seeds}")

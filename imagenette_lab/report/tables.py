@@ -12,6 +12,7 @@ class Table:
     columns: list[str]
     rows: list[list[str]] = field(default_factory=list)
     caption: str = ""  # a line printed under the table
+    prose: bool = False  # every column left-aligned (tables of text, e.g. README's experiments)
 
     def add(self, *cells: object) -> None:
         if len(cells) != len(self.columns):
@@ -22,7 +23,7 @@ class Table:
         def esc(text: str) -> str:
             return text.replace("|", "\\|").replace("\n", " ")
 
-        align = ["---:" if i > 0 else ":---" for i in range(len(self.columns))]
+        align = [":---" if i == 0 or self.prose else "---:" for i in range(len(self.columns))]
         lines = ["| " + " | ".join(esc(c) for c in self.columns) + " |", "| " + " | ".join(align) + " |"]
         lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in self.rows]
         if self.caption:
