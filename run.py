@@ -113,8 +113,9 @@ def run(cfg: DictConfig, run_dir: Path, lead: bool) -> float | None:
             log.warning("%s", note)
         if plan.action == "skip":
             result = json.loads((run_dir / "metrics.json").read_text())
-            log.info("already completed in %s with the same config, data and code: skipping (val/acc %.4f)",
-                     run_dir, result["final"].get("val/acc", float("nan")))
+            same = "config and data (code accepted as it is)" if plan.notes else "config, data and code"
+            log.info("already completed in %s with the same %s: skipping (val/acc %.4f)",
+                     run_dir, same, result["final"].get("val/acc", float("nan")))
             return result["final"].get("val/acc")
         if plan.checkpoint is not None:
             load_checkpoint(plan.checkpoint, cfg)  # a damaged last.ckpt is named here, before anything is written
