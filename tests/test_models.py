@@ -29,6 +29,7 @@ from imagenette_lab.models import (
     count_params,
     create_model,
 )
+from imagenette_lab.models.registry import common_flags
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NUM_CLASSES = 10
@@ -112,6 +113,12 @@ def test_registry_names_equal_config_stems():
     assert set(MODEL_NAMES) == {p.stem for p in (CONF / "model").glob("*.yaml") if not p.stem.startswith("_")}
     assert set(ACTIVATIONS) == {p.stem for p in (CONF / "act").glob("*.yaml")}
     assert set(MODEL_NAMES) == {"resnet18", "resnet34", "resnet50", "resnet50d", "mobilenetv2", "googlenet", "hybrid"}
+
+
+def test_base_config_holds_exactly_the_flags_create_model_takes():
+    """conf/model/_base.yaml and create_model's keyword-only parameters are the same list of common flags."""
+    base = OmegaConf.load(CONF / "model" / "_base.yaml")
+    assert set(base) - {"_target_", "name", "num_classes"} == set(common_flags())
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -14,6 +14,7 @@ Flags mean the same on every model:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -127,7 +128,9 @@ _REGISTRY: dict[str, ModelSpec] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
-_COMMON_FLAGS = ("act", "drop_rate", "block_drop_rate", "norm", "blurpool", "width", "zero_init_last")
+def common_flags() -> tuple[str, ...]:
+    """The flags every model takes: :func:`create_model`'s keyword-only parameters (the signature is the list)."""
+    return tuple(p.name for p in inspect.signature(create_model).parameters.values() if p.kind is p.KEYWORD_ONLY)
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -190,7 +193,7 @@ def create_model(
         takers = _takers(flag)
         if takers:
             raise ValueError(f"{flag!r} is not supported by {name!r}; models that take it: {takers}")
-        valid = sorted(_COMMON_FLAGS + tuple(spec.arch_kwargs))
+        valid = sorted(common_flags() + tuple(spec.arch_kwargs))
         raise TypeError(f"unknown flag {flag!r} for model {name!r}; valid flags: {valid}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be a positive int")
