@@ -49,7 +49,10 @@ def help_line(name: str) -> str:
 
 
 def no_cpu_form(name: str) -> str | None:
-    """Why the experiment has no ``scale=cpu`` form (its ``# no-cpu-form:`` line), or None when it has one."""
+    """Why the experiment has no ``scale=cpu`` form (its ``# no-cpu-form:`` line), or None when it has one
+    (or is not an experiment file)."""
+    if not (CONF / "experiment" / f"{name}.yaml").is_file():
+        return None
     return _comment(name, "no-cpu-form")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import judges as J
 from .build import ExperimentReport
+from .catalogue import no_cpu_form
 from .verdicts import ABS_PP, EQUIV_PP, FAIL_ACC, NOT_RUN, NOT_TESTED, REGIME_ACC, Finding
 
 CLAIMS_FILE = "CLAIMS.md"  # written to the results folder, beside the <scale>/ folders of pages
@@ -107,6 +108,8 @@ def judge_all(reports: Sequence[ExperimentReport]) -> dict[str, dict[int, Findin
                 out[scale][i] = Finding("—", NOT_TESTED, claim.untested)
             else:
                 found = claim.judge(reps)
+                if found is None and scale == "cpu" and (why := no_cpu_form(claim.experiment)):
+                    found = Finding("—", NOT_TESTED, f"`{claim.experiment}` has no cpu form: {why}")
                 todo = (f"`make {claim.experiment} SCALE={scale}`" if claim.experiment != "any"
                         else "no run recorded its image counts")
                 out[scale][i] = found or Finding("—", NOT_RUN, todo)

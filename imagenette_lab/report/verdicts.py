@@ -32,13 +32,15 @@ class Finding:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+# An arm whose jobs have not completed (a sweep still running, or failed jobs) counts as missing: a claim is
+# judged only on arms with at least one completed run.
 def find_arm(rep: ExperimentReport, **match: str) -> Arm | None:
     want = {k.replace("__", "."): (v,) for k, v in match.items()}
-    return next((a for a in rep.arms if a.matches(want)), None)
+    return next((a for a in rep.arms if a.matches(want) and a.completed), None)
 
 
 def arm_by(rep: ExperimentReport, key: str, *values: str) -> Arm | None:
-    return next((a for a in rep.arms if a.matches({key: values})), None)
+    return next((a for a in rep.arms if a.matches({key: values}) and a.completed), None)
 
 
 def fmt_arm(arm: Arm, values: Sequence[float] | None = None, scale: float = 100.0, unit: str = "") -> str:
@@ -103,7 +105,7 @@ def beats(rep: ExperimentReport, pairs: Sequence[tuple[Arm | None, Arm | None]],
     """'Every a is more accurate than its b' (``regime``: unresolved below ``REGIME_ACC``)."""
     present = [(a, b) for a, b in pairs if a is not None and b is not None]
     if len(present) < len(pairs):
-        return Finding("—", UNRESOLVED, "an arm of this claim is missing from the sweep")
+        return Finding("—", UNRESOLVED, "an arm of this claim has no completed run in the sweep")
     comps = welch_tests(present)
     arms = distinct(x for pair in present for x in pair)
     verdict, why = direction(comps, out_of_regime(rep) if regime else "")
@@ -113,7 +115,7 @@ def beats(rep: ExperimentReport, pairs: Sequence[tuple[Arm | None, Arm | None]],
 def no_difference(rep: ExperimentReport, a: Arm | None, b: Arm | None) -> Finding:
     """'a and b are as accurate': holds when the 95 % CI of a − b lies within ±``EQUIV_PP``."""
     if a is None or b is None:
-        return Finding("—", UNRESOLVED, "an arm of this claim is missing from the sweep")
+        return Finding("—", UNRESOLVED, "an arm of this claim has no completed run in the sweep")
     (c,) = welch_tests([(a, b)])
     ours = f"{fmt_arm(a)}, {fmt_arm(b)}"
     if not c.testable:
@@ -136,7 +138,7 @@ def epochs_to(arm: Arm, threshold: float = 0.80) -> list[float]:
 def sooner(fast: Arm | None, slow: Arm | None, threshold: float = 0.80) -> Finding:
     """'``fast`` reaches ``threshold`` in fewer epochs than ``slow``'."""
     if fast is None or slow is None:
-        return Finding("—", UNRESOLVED, "an arm of this claim is missing from the sweep")
+        return Finding("—", UNRESOLVED, "an arm of this claim has no completed run in the sweep")
     ef, es = epochs_to(fast, threshold), epochs_to(slow, threshold)
     rf, rs = sum(not math.isnan(e) for e in ef), sum(not math.isnan(e) for e in es)
     secs = {a.label: summarize([h[1] if (h := time_to(r, threshold)) else math.nan for r in a.completed])
