@@ -261,7 +261,7 @@ def test_gpu_preset_paths_complete_a_real_run_on_the_cpu(tmp_path: Path, mini_ar
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed", metrics.get("error")
     cfg = metrics["config"]
-    assert (cfg["trainer"]["precision"], cfg["trainer"]["channels_last"], cfg["trainer"]["compile"]) == (
+    assert (cfg["trainer"]["precision"], cfg["module"]["channels_last"], cfg["module"]["compile"]) == (
         "bf16-mixed", True, True)
     assert cfg["optim"]["fused"] is True
     for key in ("val/loss", "val/acc"):  # the best checkpoint's validation

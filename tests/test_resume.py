@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from imagenette_lab.callbacks import read_epochs_csv
 from imagenette_lab.data import ImagenetteDataModule
@@ -255,8 +254,5 @@ def _umask() -> int:
 
 def test_default_trainer_writes_checkpoints_atomically(tmp_path: Path) -> None:
     cfg = compose_cfg(["trainer=cpu", f"trainer.default_root_dir={tmp_path}"])
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in ("compile", "channels_last"):  # LightningModule settings, popped by run.py too
-        trainer_cfg.pop(key)
-    trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
