@@ -42,10 +42,8 @@ def validate_config(cfg: DictConfig) -> None:
     if "max_lr" in cfg.sched.scheduler:
         _check(cfg.sched.scheduler.max_lr > 0, "sched.scheduler.max_lr", cfg.sched.scheduler.max_lr, "must be > 0")
     _check(cfg.optim.get("weight_decay", 0) >= 0, "optim.weight_decay", cfg.optim.get("weight_decay"), "must be >= 0")
-    for key in ("drop_rate", "block_drop_rate"):
-        if key in cfg.model:
-            v = cfg.model[key]
-            _check(0 <= v < 1, f"model.{key}", v, "a dropout probability must be in [0, 1)")
+    # model flags (drop_rate, act, ...) are checked by create_model, which run.py calls before any data
+    # also checked by the datamodule; here because a resolver (batch_scaled_lr) reads it before that exists
     _check(cfg.data.batch_size >= 1, "data.batch_size", cfg.data.batch_size, "must be >= 1")
     _check(cfg.trainer.max_epochs >= 1, "trainer.max_epochs", cfg.trainer.max_epochs, "must be >= 1")
     _check(cfg.sched.interval in ("epoch", "step"), "sched.interval", cfg.sched.interval, "use epoch or step")

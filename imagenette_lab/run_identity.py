@@ -188,6 +188,8 @@ KEYS_ADDED_LATER: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "data.progressive.epochs": lambda c: [0, 0],
     "data.progressive.step": lambda c: 8,
     "stand_in_width": lambda c: 0.5 if c.get("scale_name") == "cpu" else None,  # written out once per scale
+    # when last.ckpt is written never changes a result (it was after validation, so never mid-run in make train)
+    "callbacks.last_checkpoint.save_on_train_epoch_end": lambda c: True,
 }
 
 

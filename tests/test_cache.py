@@ -10,19 +10,21 @@ import gc
 import logging
 import pickle
 import random
+from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as L
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from imagenette_lab.data import BatchAugment, ImagenetteDataModule, TransformSpec, build_cache
-from imagenette_lab.data.cache import cache_dir, load_resized, open_cache
+from imagenette_lab.data import BatchAugment, ImagenetteDataModule, TransformSpec, _parallel, build_cache
+from imagenette_lab.data.cache import cache_dir, open_cache
+from imagenette_lab.data.cache_build import load_resized
 from imagenette_lab.data.transforms import reference_transform, resized_size
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -336,3 +338,28 @@ def test_lightning_calls_the_device_hook(tmp_path: Path, mini_root: Path) -> Non
     assert all(dtype == torch.float32 for _, dtype, _ in probe.seen)
     assert all(erased == 8 for _, _, erased in train)  # erase_p=1: every training image has its box
     assert all(erased == 0 for _, _, erased in val)  # validation: normalize only
+
+
+def test_a_first_cached_run_decodes_each_image_once(
+    tmp_path: Path, mini_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verification and the resize cache share one decode: on a fresh folder each JPEG is decoded once,
+    and a rerun decodes none (the verification record and the cache are both reused)."""
+    monkeypatch.setattr(_parallel, "available_cpus", lambda: 1)  # decode in this process, where it is counted
+    decoded: Counter[str] = Counter()
+    load = ImageFile.ImageFile.load
+
+    def counting_load(self: ImageFile.ImageFile) -> object:
+        if self.tile:  # pixels still to decode (a loaded image has no tiles left)
+            decoded[Path(self.filename).relative_to(mini_copy).as_posix()] += 1
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    dm = ready(make_dm(tmp_path, mini_copy))
+    everything = sorted(p.relative_to(mini_copy).as_posix() for p in mini_copy.glob("*/*/*.JPEG"))
+    assert len(everything) == 300 and sorted(decoded) == everything
+    assert set(decoded.values()) == {1}, [p for p, n in decoded.items() if n > 1][:5]
+    assert len(dm.train_set) == 200 and len(dm.val_set) == 100
+    decoded.clear()
+    ready(make_dm(tmp_path, mini_copy))
+    assert not decoded

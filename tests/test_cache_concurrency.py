@@ -24,16 +24,9 @@ import pytest
 from PIL import Image
 from tqdm.auto import tqdm
 
-from imagenette_lab.data import cache as cache_module
-from imagenette_lab.data.cache import (
-    LOCK,
-    POINTER,
-    ImageCache,
-    build_cache,
-    current_cache,
-    load_resized,
-    open_cache,
-)
+from imagenette_lab.data import cache_build as builder
+from imagenette_lab.data.cache import LOCK, POINTER, ImageCache, current_cache, open_cache
+from imagenette_lab.data.cache_build import build_cache, load_resized
 
 RESIZE = 64  # px: small, so that a build takes a fraction of a second on one core
 CHANGED = 10  # images re-cut in the second version
@@ -164,7 +157,7 @@ def _die() -> None:
 
 def _kill_at(point: str) -> None:
     """Patch the build (in this child process only) to die by SIGKILL at ``point``."""
-    m = cache_module
+    m = builder
     if point == "mid-pixels":
         original_write, calls = m._write_one, []
 

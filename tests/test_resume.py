@@ -146,6 +146,26 @@ def test_sigterm_and_rerun_equals_the_uninterrupted_run(tmp_path: Path, mini_arc
     assert not differing, f"final weights differ from the uninterrupted run's: {differing[:5]}"
 
 
+@pytest.mark.slow
+def test_a_run_that_validates_only_at_the_end_resumes(tmp_path: Path, mini_archive: Path) -> None:
+    """`make train` validates once, at the end: killed between epochs it still leaves last.ckpt of the
+    epoch it finished, and the rerun resumes from it (Lightning alone writes it only after a validation)."""
+    run, marker = tmp_path / "run", tmp_path / "boundary.paused"
+    args = [*RESUME_ARGS, f"data.archive={mini_archive}", f"hydra.run.dir={run}",
+            f"trainer.check_val_every_n_epoch={EPOCHS}",
+            "+callbacks.boundary._target_=tests.test_resume.PauseAt", f"+callbacks.boundary.marker={marker}",
+            "+callbacks.boundary.epoch=2", "rerun=accept_code"]
+    _start_and_kill(args, tmp_path, marker, tmp_path / "killed.out")
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file(), "no last.ckpt after two epochs without validation"
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 1  # 0-based: epochs 1-2 done
+    run_cli(args, tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs_completed"] == EPOCHS
+    assert [a["action"] for a in metrics["attempts"]] == ["fresh", "resume"], metrics["attempts"]
+    assert metrics["attempts"][-1]["from_epoch"] == 2
+
+
 # ------------------------------------------------------------------------------------------ pieces
 def test_streams_never_coincide_across_streams_seeds_and_ranks() -> None:
     """``seed + k`` seeding made seed 1's augmentation stream seed 2's shuffle stream; SeedSequence keys do not."""

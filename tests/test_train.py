@@ -166,7 +166,6 @@ def test_learning_is_real(tmp_path: Path, mini_archive: Path) -> None:
 def test_validation_errors_name_the_key(tmp_path: Path) -> None:
     cases = {
         "optim.lr=0": "optim.lr",
-        "model.drop_rate=1.0": "model.drop_rate",
         "data.batch_size=0": "data.batch_size",
         "trainer.max_epochs=0": "trainer.max_epochs",
         "trainer.precision=16-mixed": "trainer.precision",

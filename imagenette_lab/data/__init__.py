@@ -1,7 +1,8 @@
 """ImageNette / ImageWoof data: sources, verification, the report's transforms, the fast cache and the DataModule."""
 
 from imagenette_lab.data.archives import ArchiveCheck
-from imagenette_lab.data.cache import ImageCache, build_cache
+from imagenette_lab.data.cache import ImageCache
+from imagenette_lab.data.cache_build import build_cache
 from imagenette_lab.data.datamodule import ImagenetteDataModule
 from imagenette_lab.data.datasets import CachedCropDataset, ImageListDataset
 from imagenette_lab.data.errors import (

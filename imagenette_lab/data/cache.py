@@ -20,31 +20,21 @@ so a crash at any point leaves the old cache (or none), never a half one. A read
 pointer once and reads pixels, index and meta from that one immutable folder, so it cannot pair new
 pixels with an old index. Old builds are deleted by a later build only when no process still has them
 mapped: each reader holds a shared ``flock`` on its ``pixels.u8`` for as long as the mapping lives.
+
+This module is the layout and the read side; :mod:`imagenette_lab.data.cache_build` writes and prunes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import mmap
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from filelock import Timeout
-from PIL import Image
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
-
-from imagenette_lab.data._parallel import pmap
-from imagenette_lab.data.archives import fsync_path, write_atomic
-from imagenette_lab.data.sources import file_lock
-from imagenette_lab.data.transforms import resized_size
 
 try:  # shared/non-blocking flock: see _lock_shared
     import fcntl
@@ -83,33 +73,6 @@ def source_list(root: Path, relpaths: Sequence[str]) -> list[list]:
     return out
 
 
-def load_resized(path: str | Path, resize: int) -> Image.Image:
-    """Decode to RGB (grayscale and CMYK JPEGs included) and Resize(shorter side) like the reference."""
-    with Image.open(path) as im:
-        rgb = im.convert("RGB")
-    return F.resize(rgb, [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
-
-
-def _header_size(path: str) -> tuple[int, int]:
-    with Image.open(path) as im:  # reads the header only
-        return im.height, im.width
-
-
-def _write_one(job: tuple[str, str, int, int, int, int]) -> None:
-    src, pixels, offset, height, width, resize = job
-    try:
-        arr = np.asarray(load_resized(src, resize)).transpose(2, 0, 1)
-    except OSError as err:  # name the file: the worker's traceback alone does not
-        raise OSError(f"cannot cache {src}: {err}. Run prepare_data() to verify the images first.") from err
-    if arr.shape != (3, height, width):  # never expected; guards the layout against a decoder surprise
-        raise RuntimeError(f"{src} resized to {arr.shape[1:]} but its header promised {(height, width)}")
-    with open(pixels, "r+b") as f:
-        f.seek(offset)
-        f.write(np.ascontiguousarray(arr).tobytes())
-
-
-# Reader/pruner coordination, by hand: filelock offers exclusive locks only, and what is needed here is
-# a shared lock that lives exactly as long as a memory mapping, which a pruner can test without waiting.
 def _lock_shared(fd: int) -> None:
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -238,123 +201,3 @@ def open_cache(
             log.info("cache %s is stale (source files changed); rebuilding", directory)
         return None
     return cache
-
-
-def _remove_build(folder: Path) -> None:
-    """Delete an unpublished or superseded build unless a process still has its pixels mapped."""
-    try:
-        handle = open(folder / PIXELS, "rb")  # noqa: SIM115 (closed below, after the deletion)
-    except FileNotFoundError:  # no pixels: nobody can be reading it
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    with handle:
-        if not _try_lock_exclusive(handle.fileno()):
-            log.debug("keeping %s: a running job still reads it", folder)
-            return
-        shutil.rmtree(folder, ignore_errors=True)  # under the lock: no reader can map it meanwhile
-
-
-def _prune(directory: Path, keep: str | None) -> None:
-    """Remove crashed builds, unused superseded builds and version-1 files (the builder holds LOCK)."""
-    for entry in directory.iterdir():
-        name = entry.name
-        if name in (POINTER, LOCK, keep):
-            continue
-        if name in LEGACY_FILES or name.endswith(".tmp"):
-            entry.unlink(missing_ok=True)  # an open mapping of an unlinked file stays valid (POSIX)
-        elif name.startswith(BUILDING_PREFIX):
-            shutil.rmtree(entry, ignore_errors=True)  # left by a crash: only the lock holder builds
-        elif name.startswith(BUILD_PREFIX) and entry.is_dir():
-            _remove_build(entry)
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_build(
-    root: Path, relpaths: Sequence[str], directory: Path, resize: int, workers: int | None
-) -> str:
-    """Decode and resize into a new ``build-<id>`` folder, complete and on disk; return its name."""
-    sources = source_list(root, relpaths)
-    files = [str(root / p) for p in relpaths]
-    label = f"{directory.parent.name}/{directory.name}"
-    sizes = list(pmap(_header_size, files, desc=f"measure {label}", workers=workers))
-    shapes = np.array([resized_size(h, w, resize) for h, w in sizes], dtype=np.int64).reshape(-1, 2)
-    nbytes = 3 * shapes[:, 0] * shapes[:, 1]
-    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).astype(np.int64)[: len(files)]
-    total = int(nbytes.sum())
-    name = f"{BUILD_PREFIX}{uuid.uuid4().hex[:12]}"
-    tmp = directory / f"{BUILDING_PREFIX}{name}"
-    tmp.mkdir()
-    try:
-        pixels = tmp / PIXELS
-        with open(pixels, "wb") as f:
-            f.truncate(total)  # sparse until written; every byte is overwritten below
-        jobs = [
-            (src, str(pixels), int(off), int(h), int(w), resize)
-            for src, off, (h, w) in zip(files, offsets, shapes, strict=True)
-        ]
-        for _ in pmap(_write_one, jobs, desc=f"cache {label}", workers=workers):
-            pass
-        fsync_path(pixels)
-        index = io.BytesIO()
-        np.save(index, np.column_stack([offsets, shapes]).astype(np.int64))
-        _fsync_write(tmp / INDEX, index.getvalue())
-        meta = {
-            "version": CACHE_VERSION,
-            "resize": resize,
-            "root": str(root.resolve()),
-            "nbytes": total,
-            "sources": sources,
-        }
-        _fsync_write(tmp / META, json.dumps(meta).encode())
-        fsync_path(tmp)
-        os.replace(tmp, directory / name)  # complete and on disk: now it may be seen (not yet used)
-        fsync_path(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("built cache %s: %d images, %.1f MiB", directory / name, len(files), total / 2**20)
-    return name
-
-
-def build_cache(
-    root: Path, relpaths: Sequence[str], directory: Path, resize: int, workers: int | None = None
-) -> ImageCache:
-    """Return a valid cache of ``relpaths`` (relative to ``root``) at ``resize``, building it if needed."""
-    directory = Path(directory)
-    cached = open_cache(directory, root, relpaths, resize)
-    if cached is None:
-        directory.mkdir(parents=True, exist_ok=True)
-        with file_lock(directory / LOCK):
-            cached = open_cache(directory, root, relpaths, resize, quiet=True)  # built while we waited?
-            if cached is None:
-                _prune(directory, keep=_pointer(directory))
-                name = _write_build(root, relpaths, directory, resize, workers)
-                write_atomic(directory / POINTER, json.dumps({"build": name}))  # the one publishing step
-                cache = ImageCache(directory / name)
-                _prune(directory, keep=name)
-                return cache
-    log.info("reusing cache %s (%d images)", cached.directory, len(cached))
-    _tidy(directory)
-    return cached
-
-
-def _tidy(directory: Path) -> None:
-    """Prune what a killed build or a since-finished reader left behind, unless a build runs (no wait)."""
-    keep = {POINTER, LOCK, _pointer(directory)}
-    if all(entry.name in keep for entry in directory.iterdir()):
-        return
-    lock = file_lock(directory / LOCK)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return
-    try:
-        _prune(directory, keep=_pointer(directory))  # re-read under the lock: a build may just have published
-    finally:
-        lock.release()

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from imagenette_lab import resume
-from imagenette_lab.data.cache import ImageCache, build_cache, cache_dir
+from imagenette_lab.data.cache import ImageCache, cache_dir
+from imagenette_lab.data.cache_build import build_cache, caching_decoder
 from imagenette_lab.data.datasets import CachedCropDataset, ImageListDataset
 from imagenette_lab.data.errors import CorruptImagesError
 from imagenette_lab.data.prefetch import PrefetchLoader
@@ -25,17 +26,14 @@ from imagenette_lab.data.transforms import (
     BatchAugment,
     ProgressiveResize,
     TransformSpec,
-    as_triple,
     reference_transform,
 )
 from imagenette_lab.data.validation import (
     NORMALIZE,
     ON_CORRUPT,
     PIPELINES,
-    VAL_CROPS,
     choice,
     int_at_least,
-    pair,
 )
 from imagenette_lab.data.verify import NOISE_LEVELS, SPLITS, Row, VerifiedDataset, verify_dataset
 
@@ -116,7 +114,6 @@ class ImagenetteDataModule(L.LightningDataModule):
         choice("label_noise", label_noise, NOISE_LEVELS)
         choice("on_corrupt", on_corrupt, ON_CORRUPT)
         choice("pipeline", pipeline, PIPELINES)
-        choice("val_crop", val_crop, VAL_CROPS)
         choice("normalize", normalize, NORMALIZE)
         stratified_subset([], train_fraction, 0)  # validates data.train_fraction before any data is touched
         self.spec = DATASETS[dataset]
@@ -124,27 +121,19 @@ class ImagenetteDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.num_classes={num_classes} but dataset={dataset} has {len(self.spec.classes)} classes"
             )
-        int_at_least("crop", crop, 1)
         int_at_least("batch_size", batch_size, 1)
-        int_at_least("resize", resize, crop, low_name="data.crop")
         int_at_least("num_workers", num_workers, 0)
         int_at_least("prefetch_batches", prefetch_batches, 0, allow_none=True)
-        for key, value in (("hflip_p", hflip_p), ("erase_p", erase_p)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"data.{key}={value!r} is a probability and must lie in [0, 1]")
-        std3 = as_triple(std, "std")
-        if min(std3) <= 0:
-            raise ValueError(f"data.std={list(std)} must be positive")
-        self.transform_spec = TransformSpec(
+        self.transform_spec = TransformSpec(  # checks its own values
             resize=resize,
             crop=crop,
             val_crop=val_crop,
-            mean=as_triple(mean, "mean"),
-            std=std3,
-            hflip_p=float(hflip_p),
-            erase_p=float(erase_p),
-            erase_scale=pair("erase_scale", erase_scale, 0.0, 1.0),
-            erase_ratio=pair("erase_ratio", erase_ratio, 0.0, float("inf")),
+            mean=mean,  # type: ignore[arg-type]  # any 3 numbers: the spec makes them a tuple
+            std=std,  # type: ignore[arg-type]
+            hflip_p=hflip_p,
+            erase_p=erase_p,
+            erase_scale=erase_scale,  # type: ignore[arg-type]
+            erase_ratio=erase_ratio,  # type: ignore[arg-type]
         )
         self.variant = variant
         self.root = root
@@ -175,9 +164,7 @@ class ImagenetteDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.train_files: list[Path] = []
         self.val_files: list[Path] = []
-        self.train_labels = torch.empty(
-            0, dtype=torch.int64
-        )  # labels used for training (label_noise applied)
+        self.train_labels = torch.empty(0, dtype=torch.int64)  # labels used for training (label_noise applied)
         self.train_clean_labels = torch.empty(0, dtype=torch.int64)  # the clean labels of the same files
         self.val_labels = torch.empty(0, dtype=torch.int64)  # always clean
 
@@ -210,7 +197,9 @@ class ImagenetteDataModule(L.LightningDataModule):
         )
 
     def _verify(self, root: Path) -> VerifiedDataset:
-        verified = verify_dataset(root, self.spec, self.num_classes, self.data_dir / "verified")
+        cached = self.pipeline == "cached"  # then the cache build is the verification's decode
+        decode_first = caching_decoder(self.data_dir, self.transform_spec.resize) if cached else None
+        verified = verify_dataset(root, self.spec, self.num_classes, self.data_dir / "verified", None, decode_first)
         if verified.unreadable:
             bad = sorted(verified.unreadable)
             if self.on_corrupt == "error":

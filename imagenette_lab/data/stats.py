@@ -21,7 +21,8 @@ import numpy as np
 
 from imagenette_lab.data._parallel import pmap
 from imagenette_lab.data.archives import write_atomic
-from imagenette_lab.data.cache import ImageCache, _header_size, load_resized, source_list
+from imagenette_lab.data.cache import ImageCache, source_list
+from imagenette_lab.data.cache_build import header_size, load_resized
 from imagenette_lab.data.sources import file_lock
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def image_sizes(root: Path, splits: dict[str, Sequence[str]], record: Path) -> d
     everything = [p for paths in splits.values() for p in paths]
 
     def compute() -> dict[str, Any]:
-        sizes = dict(zip(everything, pmap(_header_size, [str(root / p) for p in everything], desc="image sizes"),
+        sizes = dict(zip(everything, pmap(header_size, [str(root / p) for p in everything], desc="image sizes"),
                          strict=True))
         out: dict[str, Any] = {}
         for split, paths in splits.items():

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from imagenette_lab.data.validation import VAL_CROPS, choice, int_at_least, pair
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # per-channel mean of [0, 1] pixels
 IMAGENET_STD = (0.229, 0.224, 0.225)  # per-channel std of [0, 1] pixels
 ERASE_ATTEMPTS = 10  # boxes torchvision's RandomErasing tries before giving up on an image
@@ -41,6 +43,23 @@ class TransformSpec:
     erase_p: float = 0.5  # probability of RandomErasing (train)
     erase_scale: tuple[float, float] = (0.02, 0.33)  # fraction of the crop area erased
     erase_ratio: tuple[float, float] = (0.3, 3.3)  # aspect ratio (h / w) range of the erased box
+
+    def __post_init__(self) -> None:
+        """Check every value once, naming its ``data.*`` key; config lists become tuples."""
+        int_at_least("crop", self.crop, 1)
+        int_at_least("resize", self.resize, self.crop, low_name="data.crop")
+        choice("val_crop", self.val_crop, VAL_CROPS)
+        for key in ("hflip_p", "erase_p"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"data.{key}={value!r} is a probability and must lie in [0, 1]")
+            object.__setattr__(self, key, float(value))
+        if min(std := as_triple(self.std, "std")) <= 0:
+            raise ValueError(f"data.std={list(self.std)} must be positive")
+        object.__setattr__(self, "std", std)
+        object.__setattr__(self, "mean", as_triple(self.mean, "mean"))
+        object.__setattr__(self, "erase_scale", pair("erase_scale", self.erase_scale, 0.0, 1.0))
+        object.__setattr__(self, "erase_ratio", pair("erase_ratio", self.erase_ratio, 0.0, float("inf")))
 
 
 def resized_size(height: int, width: int, shorter: int) -> tuple[int, int]:

@@ -7,7 +7,8 @@ Two checks, both reporting *everything* wrong at once rather than the first prob
 * readability: every image decodes completely (a truncated JPEG is caught here, not mid-epoch).
 
 Decoding 13k JPEGs takes a while, so the outcome per file is kept in a small JSON record keyed by
-(size, mtime); a later run only decodes files that changed.
+(size, mtime); a later run only decodes files that changed. On a first cached run the resize cache
+build is the decode (``decode_first``): each image is decoded once, not once here and once there.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,19 +173,33 @@ def check_layout(root: Path, spec: DatasetSpec, num_classes: int) -> list[Row]:
     return rows
 
 
-def probe_image(path: str) -> str | None:
-    """Decode ``path`` completely; return the decoder's complaint, or None when the image is fine."""
-    # Pillow decodes truncated files silently when another library set this flag; force strictness.
+@contextmanager
+def strict_decoding() -> Iterator[None]:
+    """Pillow decodes truncated files silently when another library set this flag; force strictness."""
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with Image.open(path) as im:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what a bad file raises
+
+
+def complaint(err: BaseException) -> str:
+    """The decoder's complaint as recorded and shown to the user."""
+    return f"{type(err).__name__}: {err}"
+
+
+def probe_image(path: str) -> str | None:
+    """Decode ``path`` completely; return the decoder's complaint, or None when the image is fine."""
+    try:
+        with strict_decoding(), Image.open(path) as im:
             im.load()
             if im.width < 1 or im.height < 1:
                 return "empty image"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        return f"{type(err).__name__}: {err}"
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    except DECODE_ERRORS as err:
+        return complaint(err)
     return None
 
 
@@ -191,47 +208,99 @@ def _record_path(record_dir: Path, root: Path) -> Path:
     return record_dir / f"{root.name}-{digest}.json"
 
 
+class DecodeRecord:
+    """Decode outcomes of one dataset folder's images, remembered per file by (size, mtime).
+
+    ``outcome`` maps each relative path whose outcome is known to None (decodes) or the decoder's
+    complaint; ``todo`` lists the files never decoded or changed since. Whoever decodes them (the plain
+    probe below, or a cache build: :func:`imagenette_lab.data.cache_build.caching_decoder`) reports
+    through :meth:`update`; :meth:`save` writes the record for the next run.
+    """
+
+    def __init__(self, root: Path, relpaths: list[str], record_dir: Path) -> None:
+        self.root, self.relpaths, self.path = root, relpaths, _record_path(record_dir, root)
+        old: dict[str, list] = {}
+        if self.path.is_file():
+            data = json.loads(self.path.read_text())
+            if data.get("version") == RECORD_VERSION and data.get("root") == str(root.resolve()):
+                old = data["files"]
+        self.stats = {}
+        for p in relpaths:
+            st = (root / p).stat()
+            self.stats[p] = (st.st_size, st.st_mtime_ns)
+        self.outcome: dict[str, str | None] = {
+            p: old[p][2] for p, s in self.stats.items() if p in old and tuple(old[p][:2]) == s
+        }
+        self._dirty = set(old) != set(self.stats)
+
+    @property
+    def todo(self) -> list[str]:
+        """Files whose decode outcome is not known yet, in path order."""
+        return [p for p in self.relpaths if p not in self.outcome]
+
+    def update(self, outcomes: dict[str, str | None]) -> None:
+        """Record decode outcomes (None = decodes, else the complaint) of files of this folder."""
+        self.outcome.update(outcomes)
+        self._dirty = True
+
+    def save(self) -> None:
+        """Write the known outcomes when they changed (atomically: a crash never leaves a torn record)."""
+        if self._dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            files = {p: [*self.stats[p], self.outcome[p]] for p in self.relpaths if p in self.outcome}
+            record = {"version": RECORD_VERSION, "root": str(self.root.resolve()), "files": files}
+            write_atomic(self.path, json.dumps(record))
+            self._dirty = False
+
+    def unreadable(self) -> dict[str, str]:
+        """Relative path -> decoder complaint, for every file known not to decode."""
+        return {p: err for p, err in self.outcome.items() if err is not None}
+
+
 def find_unreadable(
-    root: Path, relpaths: list[str], record_dir: Path, workers: int | None = None
+    record: DecodeRecord, workers: int | None = None, known: str = "unchanged since the last verification"
 ) -> dict[str, str]:
-    """Decode every image that is new or changed since the last record; return path -> error."""
-    record_path = _record_path(record_dir, root)
-    old: dict[str, list] = {}
-    if record_path.is_file():
-        data = json.loads(record_path.read_text())
-        if data.get("version") == RECORD_VERSION and data.get("root") == str(root.resolve()):
-            old = data["files"]
-    stats = {}
-    for p in relpaths:
-        st = (root / p).stat()
-        stats[p] = (st.st_size, st.st_mtime_ns)
-    fresh = {p: old[p][2] for p, s in stats.items() if p in old and tuple(old[p][:2]) == s}
-    todo = [p for p in relpaths if p not in fresh]
+    """Decode every image of ``record`` whose outcome is unknown; save it; return path -> complaint.
+    ``known`` says, in the log, why no image is left to decode."""
+    root, todo = record.root, record.todo
     if todo:
-        log.info("decoding %d of %d images under %s", len(todo), len(relpaths), root)
+        log.info("decoding %d of %d images under %s", len(todo), len(record.relpaths), root)
         results = pmap(
             probe_image, [str(root / p) for p in todo], desc=f"verify {root.name}", workers=workers
         )
-        fresh.update(zip(todo, results, strict=True))
+        record.update(dict(zip(todo, results, strict=True)))
     else:
-        log.info("all %d images under %s unchanged since the last verification", len(relpaths), root)
-    if todo or set(old) != set(stats):
-        record_dir.mkdir(parents=True, exist_ok=True)
-        record = {
-            "version": RECORD_VERSION,
-            "root": str(root.resolve()),
-            "files": {p: [*stats[p], fresh[p]] for p in relpaths},
-        }
-        write_atomic(record_path, json.dumps(record))  # a crash never leaves a torn record
-    return {p: err for p, err in fresh.items() if err is not None}
+        log.info("all %d images under %s %s", len(record.relpaths), root, known)
+    record.save()
+    return record.unreadable()
+
+
+# A decoder that runs before the plain probe: it receives the checked rows and a record whose ``todo`` is
+# not empty, decodes what it can and reports through ``record.update`` (see DecodeRecord).
+DecodeFirst = Callable[[list[Row], DecodeRecord], None]
 
 
 def verify_dataset(
-    root: Path, spec: DatasetSpec, num_classes: int, record_dir: Path, workers: int | None = None
+    root: Path,
+    spec: DatasetSpec,
+    num_classes: int,
+    record_dir: Path,
+    workers: int | None = None,
+    decode_first: DecodeFirst | None = None,
 ) -> VerifiedDataset:
-    """Layout check, then a full decode of every image (cached per file); see the module docstring."""
+    """Layout check, then a full decode of every image (remembered per file); see the module docstring.
+
+    ``decode_first``, when given and some image has no known outcome, decodes first (the resize cache
+    build decodes every image anyway: its outcomes make a second decode here unnecessary).
+    """
     rows = check_layout(root, spec, num_classes)
-    unreadable = find_unreadable(root, [r.path for r in rows], record_dir, workers)
+    record = DecodeRecord(root, [r.path for r in rows], record_dir)
+    known = "unchanged since the last verification"
+    if decode_first is not None and record.todo:
+        decode_first(rows, record)
+        record.save()
+        known = "decoded by the resize cache build"
+    unreadable = find_unreadable(record, workers, known)
     counts = Counter(r.split for r in rows)
     log.info(
         "verified %s: %d train + %d val images, %d unreadable",
