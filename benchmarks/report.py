@@ -367,18 +367,21 @@ def _marker(kind: str, end: bool = False) -> str:
 
 
 def update_markdown(path: Path, kind: str, section: str) -> None:
-    """Write ``section`` as the ``kind`` part (one of ``SECTIONS``) of ``path``, keeping the others."""
+    """Write ``section`` as the ``kind`` part (one of ``SECTIONS``) of ``path``, in place: the other parts
+    and any prose between or after them are kept; a placeholder part (no device in its title) is refreshed."""
     if kind not in SECTIONS:
         raise ValueError(f"unknown BENCHMARKS.md section {kind!r}; one of {SECTIONS}")
-    old = path.read_text() if path.is_file() else ""
-    parts = {}
+    text = path.read_text() if path.is_file() else HEADER
     for k in SECTIONS:
         start, end = _marker(k), _marker(k, end=True)
-        if k == kind:
-            parts[k] = section
-        else:
-            kept = old.split(start, 1)[1].split(end, 1)[0].strip("\n") if start in old and end in old else ""
-            # a measured section's title names its device ("## GPU: <name>"); a placeholder is refreshed
-            parts[k] = kept + "\n" if kept.startswith("## ") and ":" in kept.split("\n", 1)[0] else NO_RUN[k]
-    body = "\n".join(f"{_marker(k)}\n{parts[k]}{_marker(k, end=True)}\n" for k in SECTIONS)
-    path.write_text(HEADER + "\n" + body)
+        if start in text and end in text:
+            before, rest = text.split(start, 1)
+            kept, after = rest.split(end, 1)
+            kept = kept.strip("\n")
+            measured = kept.startswith("## ") and ":" in kept.split("\n", 1)[0]  # "## GPU: <device>"
+            body = section if k == kind else kept + "\n" if measured else NO_RUN[k]
+            text = f"{before}{start}\n{body}{end}{after}"
+        else:  # a part the file lacks yet: appended, so a new file has them in SECTIONS order
+            body = section if k == kind else NO_RUN[k]
+            text = f"{text.rstrip()}\n\n{start}\n{body}{end}\n"
+    path.write_text(text)

@@ -203,3 +203,10 @@ def test_update_markdown_replaces_its_section_and_stale_placeholders(
     path.write_text(text.replace("## GPU: H200", "## GPU\n\nold wording"))
     bench.update_markdown(path, "cpu", "## CPU: third\n")
     assert "old wording" not in path.read_text() and bench.NO_RUN["cuda"] in path.read_text()
+    # prose written between and after the parts (what a table means, how it was made) survives an update
+    notes = "\nWhat the knobs table says.\n\n"
+    marked = path.read_text().replace("<!-- bench:cpu-knobs:end -->\n", "<!-- bench:cpu-knobs:end -->\n" + notes)
+    path.write_text(marked + "\nClosing words.\n")
+    bench.update_markdown(path, "cpu-knobs", "## CPU training knobs: second\n")
+    text = path.read_text()
+    assert notes in text and text.endswith("Closing words.\n") and "## CPU training knobs: second" in text
