@@ -111,7 +111,7 @@ class HybridMobileNetV2(nn.Module):
 
     Args:
         num_classes: classifier outputs.
-        width: channel multiplier (MobileNetV2's alpha); channels rounded to multiples of 8.
+        width: channel multiplier (MobileNetV2's alpha, > 0: create_model checks it); channels rounded to multiples of 8.
         rb_groups: groups of the ResNet pass's 3x3 conv (1 = the report's dense conv).
         act_layer: activation after every conv but the projections (stem and head included).
         norm_layer: norm(-act) factory for timm's ``ConvNormAct``; ``layers.norm_act_layer('none', ...)``
@@ -141,8 +141,6 @@ class HybridMobileNetV2(nn.Module):
         stages: Sequence[tuple[int, int, int, int]] = MOBILENETV2_STAGES,
     ):
         super().__init__()
-        if width <= 0:
-            raise ValueError(f"width={width} must be > 0 (a channel multiplier, 1.0 = the report's model)")
 
         def chs(c: int) -> int:
             return make_divisible(c * width, CHANNEL_DIVISOR)

@@ -48,16 +48,27 @@ def no_norm_act(
     return create_act_layer(act_layer, inplace=inplace)
 
 
+def _check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown normalization norm={norm!r}; choose one of {NORMS}")
+
+
+def norm_layer(norm: str) -> type[nn.Module]:
+    """Plain norm layer class for ``norm`` (timm's ResNet): ``nn.BatchNorm2d``, or ``nn.Identity`` for
+    ``'none'`` (timm calls it with the channel count, which Identity ignores)."""
+    _check_norm(norm)
+    return nn.BatchNorm2d if norm == "batch" else nn.Identity
+
+
 def norm_act_layer(norm: str, act: str, bn_eps: float = 1e-5) -> LayerFactory:
     """Norm layer to hand to timm's fused norm-act code (``ConvNormAct``, MobileNet builder).
 
     ``bn_eps`` is BatchNorm's variance epsilon (unitless); GoogLeNet uses 1e-3 like torchvision.
     """
+    _check_norm(norm)
     if norm == "batch":
         return partial(nn.BatchNorm2d, eps=bn_eps)
-    if norm == "none":
-        return partial(no_norm_act, act_layer=act)
-    raise ValueError(f"unknown normalization norm={norm!r}; choose one of {NORMS}")
+    return partial(no_norm_act, act_layer=act)
 
 
 class BlurPool(BlurPool2d):

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .googlenet import GoogLeNet
 from .hybrid import HybridMobileNetV2
-from .layers import ACTIVATIONS, NORMS, BlurPool, act_layer, norm_act_layer
+from .layers import BlurPool, act_layer, norm_act_layer
 from .timm_models import build_mobilenetv2, build_resnet
 
 
@@ -197,12 +197,7 @@ def create_model(
         raise TypeError(f"unknown flag {flag!r} for model {name!r}; valid flags: {valid}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} must be a positive int")
-    if act is not None and act not in ACTIVATIONS:
-        raise ValueError(
-            f"unknown activation act={act!r}; choose one of {ACTIVATIONS} (or None for the default)"
-        )
-    if norm not in NORMS:
-        raise ValueError(f"unknown normalization norm={norm!r}; choose one of {NORMS}")
+    # act and norm are checked where they become layers (layers.act_layer / norm_layer / norm_act_layer)
     if not isinstance(blurpool, bool):
         raise ValueError(f"blurpool={blurpool!r} must be true or false")
     if not isinstance(zero_init_last, bool):

@@ -28,7 +28,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models.efficientnet import EfficientNet, _gen_mobilenet_v2
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .layers import BlurPool, dropout, norm_act_layer
+from .layers import BlurPool, act_layer, dropout, norm_act_layer, norm_layer
 
 RESNET_CHANNELS = (64, 128, 256, 512)  # timm's stage widths (a bottleneck's inner width) at width 1
 RESNET_STEM_WIDTH = {"resnet50d": 32}  # timm's stem width where it is not 64 (the deep stem's first convs)
@@ -49,12 +49,10 @@ def build_resnet(
     """timm's ``resnet18``/``resnet34``/``resnet50``/``resnet50d`` from scratch, with the ablation flags
     applied; ``width`` scales the stem and every stage's channels (timm's ``stem_width``/``channels``,
     rounded to multiples of 8)."""
-    kwargs: dict[str, object] = dict(act_layer=act, drop_rate=drop_rate)
+    kwargs: dict[str, object] = dict(act_layer=act_layer(act), norm_layer=norm_layer(norm), drop_rate=drop_rate)
     if width != 1.0:
         kwargs["channels"] = tuple(make_divisible(c * width, 8) for c in RESNET_CHANNELS)
         kwargs["stem_width"] = make_divisible(RESNET_STEM_WIDTH.get(variant, 64) * width, 8)
-    if norm == "none":
-        kwargs["norm_layer"] = nn.Identity  # timm calls norm_layer(channels); Identity ignores it
     if blurpool:
         kwargs["aa_layer"] = BlurPool
     model = timm.create_model(variant, pretrained=False, num_classes=num_classes, **kwargs)
@@ -112,9 +110,10 @@ def build_mobilenetv2(
     generator that they all call, which takes any channel multiplier; ``width=1.0`` is exactly
     ``timm.create_model('mobilenetv2_100')`` (the tests assert it).
     """
-    kwargs: dict[str, object] = dict(act_layer=act, drop_rate=drop_rate)
-    if norm != "batch":
-        kwargs["norm_layer"] = norm_act_layer(norm, act)
+    kwargs: dict[str, object] = dict(act_layer=act_layer(act), drop_rate=drop_rate)
+    norm_act = norm_act_layer(norm, act)
+    if norm != "batch":  # timm's own BatchNorm-act otherwise, so the default model is timm's exactly
+        kwargs["norm_layer"] = norm_act
     if blurpool:
         kwargs["aa_layer"] = BlurPool
     model = _gen_mobilenet_v2("mobilenetv2_100", width, num_classes=num_classes, **kwargs)
