@@ -367,12 +367,15 @@ def _marker(kind: str, end: bool = False) -> str:
 
 
 def update_markdown(path: Path, kind: str, section: str) -> None:
-    """Write ``section`` as the ``kind`` part (one of ``SECTIONS``) of ``path``, in place: the other parts
-    and any prose between or after them are kept; a placeholder part (no device in its title) is refreshed."""
+    """Write ``section`` as the ``kind`` part (one of ``SECTIONS``) of ``path``, in place: the other parts and
+    any prose between or after them are kept, a placeholder part (no device in its title) is refreshed, a
+    missing part is added in ``SECTIONS`` order; the introduction before the first part is ``HEADER``."""
     if kind not in SECTIONS:
         raise ValueError(f"unknown BENCHMARKS.md section {kind!r}; one of {SECTIONS}")
-    text = path.read_text() if path.is_file() else HEADER
-    for k in SECTIONS:
+    text = path.read_text() if path.is_file() else ""
+    first = min((text.index(_marker(k)) for k in SECTIONS if _marker(k) in text), default=len(text))
+    text = f"{HEADER}\n{text[first:].lstrip()}"
+    for i, k in enumerate(SECTIONS):
         start, end = _marker(k), _marker(k, end=True)
         if start in text and end in text:
             before, rest = text.split(start, 1)
@@ -381,7 +384,9 @@ def update_markdown(path: Path, kind: str, section: str) -> None:
             measured = kept.startswith("## ") and ":" in kept.split("\n", 1)[0]  # "## GPU: <device>"
             body = section if k == kind else kept + "\n" if measured else NO_RUN[k]
             text = f"{before}{start}\n{body}{end}{after}"
-        else:  # a part the file lacks yet: appended, so a new file has them in SECTIONS order
-            body = section if k == kind else NO_RUN[k]
-            text = f"{text.rstrip()}\n\n{start}\n{body}{end}\n"
-    path.write_text(text)
+            continue
+        block = f"{start}\n{section if k == kind else NO_RUN[k]}{end}\n"
+        later = [text.index(_marker(n)) for n in SECTIONS[i + 1 :] if _marker(n) in text]
+        cut = min(later, default=len(text))  # before the next part the file has, or at the end
+        text = f"{text[:cut].rstrip()}\n\n{block}\n{text[cut:]}"
+    path.write_text(text.rstrip("\n") + "\n")
