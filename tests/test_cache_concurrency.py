@@ -190,7 +190,7 @@ def _kill_at(point: str) -> None:
         original_remove = m._remove_build
 
         def remove_half(folder: Path) -> None:
-            if (folder / m.META).exists() and m._pointer(folder.parent) != folder.name:
+            if (folder / m.META).exists() and m.published_build(folder.parent) != folder.name:
                 (folder / m.META).unlink()
                 _die()
             original_remove(folder)

@@ -10,6 +10,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nbformat
@@ -22,6 +23,7 @@ from imagenette_lab.report import build_report, expected_jobs, load_runs, summar
 from imagenette_lab.report.__main__ import main as report_main
 from imagenette_lab.report.build import time_to
 from imagenette_lab.report.claims import CLAIMS, claims_markdown
+from imagenette_lab.report.experiments import EXPERIMENTS
 from imagenette_lab.report.stats import adjust_bh
 from imagenette_lab.report.wandb_source import load_offline_wandb_runs
 from tests.test_train import REPO
@@ -251,9 +253,13 @@ def test_page_names_its_data_and_departures_and_corrects_for_several_arms(
 
 
 @pytest.mark.slow
-def test_cpu_scale_page_names_its_stand_in_and_what_it_can_say(sweep: dict[str, Path], tmp_path: Path) -> None:
+def test_cpu_scale_page_names_its_stand_in_and_what_it_can_say(
+    sweep: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The sweep's runs as the cpu scale records them (the stand-in model, progressive resizing): the page says
-    which model stood in, that the report trained at one size, and what the cpu scale can and cannot say."""
+    which model stood in, that the report trained at one size, and what the cpu scale can and cannot say,
+    followed by the experiment's own cpu note."""
+    monkeypatch.setitem(EXPERIMENTS, "activation", replace(EXPERIMENTS["activation"], cpu="Its own cpu note."))
     folder = tmp_path / "multiruns" / "activation" / "cpu"
     shutil.copytree(sweep["sweep"], folder)
     for path in sorted(folder.rglob("metrics.json")):
@@ -267,6 +273,7 @@ def test_cpu_scale_page_names_its_stand_in_and_what_it_can_say(sweep: dict[str, 
     assert report.scale == "cpu"
     page = report.markdown
     assert "> **cpu scale — what it can and cannot say:** conf/scale/cpu.yaml: a stand-in" in page
+    assert "may differ in a plain ResNet. Its own cpu note." in page
     assert "- **Model:** resnet18 (width 0.5) stands in for the experiment's own architecture" in page
     assert "- **Progressive resizing:** training images start at 56 px" in page
     assert "quick scale" not in page  # the quick form's caveats belong to the quick pages only

@@ -78,7 +78,8 @@ def _lock_shared(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_SH)
 
 
-def _try_lock_exclusive(fd: int) -> bool:
+def try_lock_exclusive(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; False when another process holds a lock on it."""
     if fcntl is None:
         return True
     try:
@@ -162,7 +163,7 @@ class ImageCache:
         return self.pixels[start : start + 3 * h * w].reshape(3, h, w)
 
 
-def _pointer(directory: Path) -> str | None:
+def published_build(directory: Path) -> str | None:
     """Name of the published build of the cache folder ``directory``, or None when there is none."""
     try:
         name = json.loads((directory / POINTER).read_text()).get("build")
@@ -174,13 +175,13 @@ def _pointer(directory: Path) -> str | None:
 def current_cache(directory: Path) -> ImageCache | None:
     """The published build of the cache folder ``directory`` (not checked against the sources), or None."""
     for _ in range(5):  # a build may prune the folder between our reading the pointer and opening it
-        name = _pointer(directory)
+        name = published_build(directory)
         if name is None:
             return None
         try:
             return ImageCache(directory / name)
         except FileNotFoundError:
-            if _pointer(directory) == name:  # not a newer build: someone deleted it by hand
+            if published_build(directory) == name:  # not a newer build: someone deleted it by hand
                 log.warning("cache %s points at the missing build %s; rebuilding", directory, name)
                 return None
         except (CacheDamagedError, json.JSONDecodeError, ValueError, KeyError) as err:

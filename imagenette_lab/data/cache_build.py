@@ -36,11 +36,11 @@ from imagenette_lab.data.cache import (
     PIXELS,
     POINTER,
     ImageCache,
-    _pointer,
-    _try_lock_exclusive,
     cache_dir,
     open_cache,
+    published_build,
     source_list,
+    try_lock_exclusive,
 )
 from imagenette_lab.data.sources import file_lock
 from imagenette_lab.data.transforms import resized_size
@@ -105,7 +105,7 @@ def _remove_build(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         return
     with handle:
-        if not _try_lock_exclusive(handle.fileno()):
+        if not try_lock_exclusive(handle.fileno()):
             log.debug("keeping %s: a running job still reads it", folder)
             return
         shutil.rmtree(folder, ignore_errors=True)  # under the lock: no reader can map it meanwhile
@@ -204,7 +204,7 @@ def try_build_cache(
         with file_lock(directory / LOCK):
             cached = open_cache(directory, root, relpaths, resize, quiet=True)  # built while we waited?
             if cached is None:
-                _prune(directory, keep=_pointer(directory))
+                _prune(directory, keep=published_build(directory))
                 name, outcomes = _write_build(root, relpaths, directory, resize, workers)
                 if name is None:
                     return None, outcomes
@@ -251,7 +251,7 @@ def caching_decoder(data_dir: Path, resize: int, workers: int | None = None) -> 
 
 def _tidy(directory: Path) -> None:
     """Prune what a killed build or a since-finished reader left behind, unless a build runs (no wait)."""
-    keep = {POINTER, LOCK, _pointer(directory)}
+    keep = {POINTER, LOCK, published_build(directory)}
     if all(entry.name in keep for entry in directory.iterdir()):
         return
     lock = file_lock(directory / LOCK)
@@ -260,6 +260,6 @@ def _tidy(directory: Path) -> None:
     except Timeout:
         return
     try:
-        _prune(directory, keep=_pointer(directory))  # re-read under the lock: a build may just have published
+        _prune(directory, keep=published_build(directory))  # re-read under the lock: a build may just have published
     finally:
         lock.release()

@@ -322,7 +322,8 @@ def render_markdown(report: ExperimentReport, runs: Sequence[Run]) -> str:
     if report.scale == "quick" and spec.quick:
         out += ["", f"> **quick scale — what it can and cannot say:** {spec.quick}"]
     elif report.scale == "cpu":
-        out += ["", f"> **cpu scale — what it can and cannot say:** {CPU_SCALE}"]
+        note = " ".join(filter(None, (CPU_SCALE, spec.cpu)))
+        out += ["", f"> **cpu scale — what it can and cannot say:** {note}"]
     departures = [*common_departures(runs, report.scale), *spec.departures]
     out += ["", "## Where this departs from the report", "", *[f"- {d}" for d in departures]]
     out += ["", "## Accuracy", "", report.tables["accuracy"].markdown(), ""]
