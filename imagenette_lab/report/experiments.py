@@ -214,6 +214,11 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             reference=({"model.blurpool": ("false", "False")},),
             order=("false", "False", "true", "True"),
             quick=_QUICK_NARROW + " At 32 px there is little high-frequency content left for BlurPool to act on.",
+            cpu=(
+                "BlurPool runs each downsampling convolution and the stem's max-pool at full resolution before it "
+                "blurs and subsamples (timm's `aa_layer`, as in Zhang 2019), so its arm costs more per epoch (see "
+                "s / epoch) and its runs exceed the scale's 20 minutes; both arms train the same 15 epochs."
+            ),
         ),
         ExperimentSpec(
             name="resize",
