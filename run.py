@@ -118,7 +118,9 @@ def run(cfg: DictConfig, run_dir: Path, lead: bool) -> float | None:
                      run_dir, same, result["final"].get("val/acc", float("nan")))
             return result["final"].get("val/acc")
         if plan.checkpoint is not None:
-            load_checkpoint(plan.checkpoint, cfg)  # a damaged last.ckpt is named here, before anything is written
+            # a damaged last.ckpt is named here, before anything is written; the epochs it holds (written at the end
+            # of a training epoch, numbered from 0) are what the run continues from, whatever the logs got to
+            plan.epochs_done = int(load_checkpoint(plan.checkpoint, cfg)["epoch"]) + 1
             os.environ[RESUME_ENV] = str(plan.checkpoint)
         else:
             os.environ.pop(RESUME_ENV, None)

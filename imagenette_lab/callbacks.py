@@ -175,12 +175,13 @@ class EpochCSVLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if "epoch" not in metrics:
             return
+        values = {key.removesuffix("_epoch"): float(value) for key, value in metrics.items()
+                  if key != "epoch" and not key.endswith("_step")}
+        if not values:  # a step-level log (trainer.log_every_n_steps): a row is an epoch's end, never its middle
+            return
         epoch = int(metrics["epoch"]) + 1
         row = self._rows.setdefault(epoch, {"epoch": epoch})
-        for key, value in metrics.items():
-            if key == "epoch" or key.endswith("_step"):
-                continue
-            row[key.removesuffix("_epoch")] = float(value)
+        row.update(values)
         if step is not None:
             row["step"] = float(step)
         self.save()

@@ -247,6 +247,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
                                "rerun=restart (keeps it under .superseded/)") from err
 
 
+def finished_epochs(path: Path) -> list[int]:
+    """The epochs of an ``epochs.csv`` that logged an epoch-level value. Before the logger kept step-level logs
+    out, an interrupted epoch left a row holding only its step count: that epoch did not finish."""
+    return [r["epoch"] for r in read_epochs_csv(path)
+            if any(v == v for k, v in r.items() if k not in ("epoch", "step"))]  # v == v: not NaN
+
+
 def _how_to_proceed(run_dir: Path) -> str:
     return (f"To keep both, run into another folder (hydra.run.dir=... for a single run, hydra.sweep.dir=... "
             f"for a sweep). To start over here, add rerun=restart: the old results are moved to "
@@ -261,8 +268,8 @@ def plan_run(run_dir: Path, new: dict[str, Any], policy: str) -> Plan:
     identity = _read_json(run_dir / IDENTITY_FILE)
     metrics = _read_json(run_dir / METRICS_FILE) or {}
     last = run_dir / "checkpoints" / "last.ckpt"
-    epochs_done = max([int(metrics.get("epochs_completed") or 0),
-                       *[r["epoch"] for r in read_epochs_csv(run_dir / EPOCHS_FILE)]], default=0)
+    epochs_done = max([int(metrics.get("epochs_completed") or 0), *finished_epochs(run_dir / EPOCHS_FILE)],
+                      default=0)
     has_results = bool(metrics) or epochs_done > 0 or (run_dir / "checkpoints").is_dir()
     if policy == "restart" and (identity or has_results):
         aside = set_aside(run_dir)

@@ -72,6 +72,7 @@ RESUME_ARGS = [
     *TINY, *SMALL_HYBRID, "logger=none", f"trainer.max_epochs={EPOCHS}", "trainer.limit_train_batches=4",
     "trainer.limit_val_batches=3", "data.val_crop=random", "model.drop_rate=0.3", "model.block_drop_rate=0.1",
     "sched.scheduler.T_max=3",
+    "trainer.log_every_n_steps=1",  # step-level logs in the killed epoch, which must not count as a finished one
     "++trainer.plugins=[{_target_: imagenette_lab.resume.AtomicCheckpointIO}]",  # the default once conf has it
 ]
 
@@ -136,6 +137,8 @@ def test_sigterm_and_rerun_equals_the_uninterrupted_run(tmp_path: Path, mini_arc
     slack = float(rows[-1]["time/epoch_s"]) / 2  # the last epoch_s also counts its checkpoint save
     assert json.loads((run / "metrics.json").read_text())["train_seconds"] >= clock["train_seconds"] + this_attempt - slack
 
+    # each attempt continued from the epochs its checkpoint held, not from what the logs had reached
+    assert [a["from_epoch"] for a in json.loads((run / "metrics.json").read_text())["attempts"]] == [0, 1, 2]
     got_rows = _epochs_csv(run)
     assert len(got_rows) == EPOCHS
     for want, got in zip(want_rows, got_rows, strict=True):
