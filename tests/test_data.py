@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import http.server
 import io
+import json
 import logging
 import multiprocessing
+import os
 import random
 import shutil
 import tarfile
@@ -42,7 +45,7 @@ from imagenette_lab.data import (
 )
 from imagenette_lab.data.archives import check_archive, download_archive, published_checks
 from imagenette_lab.data.prefetch import PrefetchLoader
-from imagenette_lab.data.sources import DATASETS, VARIANTS
+from imagenette_lab.data.sources import DATASETS, VARIANTS, extract_once
 from imagenette_lab.data.transforms import ProgressiveResize, progressive_side
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +131,38 @@ def test_archive_extract_verify_batches(
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (root, marker, record)] == before
     assert "reusing" in caplog.text and "unchanged since the last verification" in caplog.text
     assert "decoding" not in caplog.text and f"extracted {mini_archive} ->" not in caplog.text
+
+
+def test_touched_archive_reuses_its_extraction_a_changed_one_does_not(
+    tmp_path: Path, mini_archive: Path, mini_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shared disk copied again gives the archive a new date: same bytes, so no second extraction (nor
+    cache); other bytes are extracted into a new folder and the old one is kept."""
+    caplog.set_level(logging.INFO, logger="imagenette_lab")
+    archive = tmp_path / "archives" / mini_archive.name
+    archive.parent.mkdir()
+    shutil.copy2(mini_archive, archive)
+    data_dir = tmp_path / "data"
+    first = extract_once(archive, data_dir)
+    marker = data_dir / f"{archive.name}.extracted.json"
+    assert json.loads(marker.read_text())["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+    os.utime(archive, ns=(time.time_ns(), time.time_ns()))
+    caplog.clear()
+    assert extract_once(archive, data_dir) == first
+    assert "the same bytes" in caplog.text and f"extracted {archive} ->" not in caplog.text
+    assert json.loads(marker.read_text())["mtime_ns"] == archive.stat().st_mtime_ns  # recorded: next run is quick
+    caplog.clear()
+    assert extract_once(archive, data_dir) == first and "the same bytes" not in caplog.text
+
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:  # the same images, other bytes
+        tar.add(mini_root, arcname=mini_root.name)
+    second = extract_once(archive, data_dir)
+    assert second != first and first.is_dir() and second.is_dir()
+    assert "its bytes differ" in caplog.text
+    assert sorted(p.relative_to(second) for p in second.rglob("*.JPEG")) == sorted(
+        p.relative_to(first) for p in first.rglob("*.JPEG")
+    )
 
 
 def test_seeded_shuffling_is_reproducible_and_changes_per_epoch(tmp_path: Path, mini_root: Path) -> None:

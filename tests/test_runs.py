@@ -83,13 +83,13 @@ def test_rerun_skips_only_the_same_run_and_refuses_others_naming_the_keys(
     assert identity["fingerprint"]["data"]["images"] == {"train": 200, "val": 100}
     stamp = (run_dir / "metrics.json").stat().st_mtime_ns
 
-    # The same archive copied again or touched (as a fresh machine's shared disk does): extracted into a
-    # new folder, but the same images, so skipped.
+    # The same archive copied again or touched (as a fresh machine's shared disk does): the same bytes, so
+    # its extraction is reused, and the same images, so skipped.
     os.utime(archive, ns=(time.time_ns(), time.time_ns()))
     touched = run_cli([*args, f"data.archive={archive}"], tmp_path)
     assert "already completed" in touched.stdout + touched.stderr, touched.stderr[-3000:]
     stem = mini_archive.name.split(".")[0]
-    assert sum(p.is_dir() for p in (tmp_path / "data").glob(f"{stem}*")) == 2  # two extractions
+    assert sum(p.is_dir() for p in (tmp_path / "data").glob(f"{stem}*")) == 1  # one extraction
 
     # The same data from another location (an extracted copy): same identity, so skipped.
     same = run_cli([*args, f"data.root={mini_root}"], tmp_path)

@@ -129,6 +129,13 @@ def _identity_tag(key: dict[str, object]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def _content_digest(path: Path) -> str:
+    """sha256 of the archive's bytes (~0.3 s for the 126 MiB archive): tells a re-copied or touched archive,
+    whose date changed, from a changed one. Computed only when the (path, size, mtime) key no longer matches."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _extracted(marker: Path, key: dict[str, object]) -> Path | None:
     """The folder the marker records for this very archive (path, size, mtime), if it is still there."""
     if not marker.is_file():
@@ -143,9 +150,11 @@ def _extracted(marker: Path, key: dict[str, object]) -> Path | None:
 def extract_once(archive: Path, data_dir: Path, prepare: bool = True) -> Path:
     """Extract ``archive`` under ``data_dir`` unless an extraction of this very file is already there.
 
-    A small JSON marker beside the folder records which archive (path, size, mtime) it came from.
-    A changed archive is extracted into a new folder (see :func:`extract_archive`) and the marker is
-    rewritten atomically to name it; the old folder is kept, since running jobs may still read it.
+    A small JSON marker beside the folder records which archive (path, size, mtime, sha256) it came from.
+    An archive whose path or date changed but whose bytes did not (a shared disk copied again, a
+    ``touch``) reuses the folder, so its caches and verification stay valid. A changed archive is
+    extracted into a new folder (see :func:`extract_archive`) and the marker is rewritten atomically to
+    name it; the old folder is kept, since running jobs may still read it.
     With ``prepare=False`` nothing is extracted (for ``setup()`` on every rank) and a missing
     extraction is an error.
     """
@@ -160,12 +169,24 @@ def extract_once(archive: Path, data_dir: Path, prepare: bool = True) -> Path:
         if (folder := _extracted(marker, key)) is not None:  # extracted while we waited
             log.info("reusing %s (extracted from %s)", folder, archive)
             return folder
-        previous = json.loads(marker.read_text()).get("folder") if marker.is_file() else None
+        record = json.loads(marker.read_text()) if marker.is_file() else {}
+        previous, digest = record.get("folder"), _content_digest(archive)
+        if previous and record.get("sha256") == digest and (data_dir / previous).is_dir():
+            write_atomic(marker, json.dumps({**key, "sha256": digest, "folder": previous}))
+            log.info(
+                "reusing %s: %s has a new path or date but the same bytes (sha256 %s) as the archive "
+                "it was extracted from",
+                data_dir / previous,
+                archive,
+                digest[:16],
+            )
+            return data_dir / previous
         folder = extract_archive(archive, data_dir, tag=_identity_tag(key))
-        write_atomic(marker, json.dumps({**key, "folder": folder.name}))
+        write_atomic(marker, json.dumps({**key, "sha256": digest, "folder": folder.name}))
     if previous and previous != folder.name and (data_dir / previous).is_dir():
         log.warning(
-            "%s is not the archive %s was extracted from (path, size or date differ): now using %s. %s is "
+            "%s is not the archive %s was extracted from (its bytes differ, or the record has no digest of "
+            "them): now using %s. %s is "
             "kept for jobs that may still read it; delete it when none does.",
             archive,
             data_dir / previous,

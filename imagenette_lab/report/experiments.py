@@ -276,6 +276,13 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             order=("adam", "sgd", "sgd_linear"),
             columns=(("lr (per step)", "optim.lr"), ("batch", "data.batch_size")),
             quick=_QUICK_NARROW + " SGD converges later than Adam, so a 4-epoch run favours Adam by construction.",
+            cpu=(
+                "Each arm replaces the recipe's AdamW and its lr with the report's optimizer at the report's values, "
+                "under the scale's one-cycle schedule with the arm's lr as its peak, which also cycles the momentum "
+                "(SGD's, or Adam's beta1) between 0.95 and 0.85 (torch's default; conf/sched/onecycle.yaml): the "
+                "arms need not reach the 80 % the recipe reaches. `sgd_linear` runs at 0.1 × 64 / 256 = 0.025, the "
+                "scale's batch being 64."
+            ),
             departures=(
                 "The report gives SGD no learning rate beyond citing He et al. (lr 0.1, momentum 0.9, weight decay "
                 "0.0001), whose 0.1 is for batch 256. `sgd` uses 0.1 unscaled at this run's batch; `sgd_linear` "
