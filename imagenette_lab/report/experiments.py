@@ -279,9 +279,8 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             cpu=(
                 "Each arm replaces the recipe's AdamW and its lr with the report's optimizer at the report's values, "
                 "under the scale's one-cycle schedule with the arm's lr as its peak, which also cycles the momentum "
-                "(SGD's, or Adam's beta1) between 0.95 and 0.85 (torch's default; conf/sched/onecycle.yaml): the "
-                "arms need not reach the 80 % the recipe reaches. `sgd_linear` runs at 0.1 × 64 / 256 = 0.025, the "
-                "scale's batch being 64."
+                "(SGD's, or Adam's beta1; conf/sched/onecycle.yaml): the arms need not reach the 80 % the recipe "
+                "reaches. `sgd_linear` scales 0.1 to the scale's batch (the lr and batch columns)."
             ),
             departures=(
                 "The report gives SGD no learning rate beyond citing He et al. (lr 0.1, momentum 0.9, weight decay "
