@@ -392,3 +392,27 @@ def test_readme_experiments_table_is_generated_from_the_experiment_files() -> No
     assert block == table, "README.md's experiments table is stale: run `make readme`"
     assert all(f"`make {name}`" in table for name in EXPERIMENTS)
     assert "| `make resize` |" in table and table.split("| `make resize` |")[1].split("\n")[0].endswith("| full, quick |")
+
+
+def _leaves(node: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def test_cpu_preset_runs_unchanged_on_imagewoof() -> None:
+    """Issue 12, item 5: nothing of the CPU recipe is tied to ImageNette. `data=imagewoof` under
+    `experiment=cpu_train` changes the dataset key only (classes, CSV and URLs follow from it); every
+    recipe value (model, optimizer, schedule, sizes, progressive resizing, epochs) is the same job."""
+    jobs = {}
+    for data in ("imagenette", "imagewoof"):
+        cfg = compose_job(["experiment=cpu_train", f"data={data}", "data.archive=some.tgz"])
+        validate_config(cfg)
+        cfg = OmegaConf.to_container(cfg, resolve=False)
+        cfg.pop("hydra")
+        jobs[data] = _leaves(cfg)
+    differ = {k for k in jobs["imagenette"].keys() | jobs["imagewoof"].keys()
+              if jobs["imagenette"].get(k) != jobs["imagewoof"].get(k)}
+    assert differ == {"data.dataset"}, differ
+    woof = jobs["imagewoof"]
+    assert woof["model.name"] == "resnet18" and woof["trainer.max_epochs"] == jobs["imagenette"]["trainer.max_epochs"]
