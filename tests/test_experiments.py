@@ -23,6 +23,7 @@ from imagenette_lab.report.claims import CLAIMS
 from imagenette_lab.report.runs import arm_key, natural_key
 from imagenette_lab.report.sweep import main as sweep_main
 from imagenette_lab.resolvers import register as register_resolvers
+from imagenette_lab.run_identity import flatten
 from tests.test_train import REPO, run_cli
 
 register_resolvers()  # run.py does this before Hydra composes: optim=sgd's linear scaling reads batch_scaled_lr
@@ -394,12 +395,6 @@ def test_readme_experiments_table_is_generated_from_the_experiment_files() -> No
     assert "| `make resize` |" in table and table.split("| `make resize` |")[1].split("\n")[0].endswith("| full, quick |")
 
 
-def _leaves(node: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(node, dict):
-        return {k: v for key, sub in node.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): node}
-
-
 def test_cpu_preset_runs_unchanged_on_imagewoof() -> None:
     """Issue 12, item 5: nothing of the CPU recipe is tied to ImageNette. `data=imagewoof` under
     `experiment=cpu_train` changes the dataset key only (classes, CSV and URLs follow from it); every
@@ -410,7 +405,7 @@ def test_cpu_preset_runs_unchanged_on_imagewoof() -> None:
         validate_config(cfg)
         cfg = OmegaConf.to_container(cfg, resolve=False)
         cfg.pop("hydra")
-        jobs[data] = _leaves(cfg)
+        jobs[data] = flatten(cfg)
     differ = {k for k in jobs["imagenette"].keys() | jobs["imagewoof"].keys()
               if jobs["imagenette"].get(k) != jobs["imagewoof"].get(k)}
     assert differ == {"data.dataset"}, differ
